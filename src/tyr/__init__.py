@@ -1,0 +1,11 @@
+"""tyr: structural pruning of decoder-only LLMs with a global layer-wise sparsity search."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from tyr.api import Result, prune  # noqa: E402
+from tyr.errors import UserError  # noqa: E402
+from tyr.export import load  # noqa: E402
+
+__all__ = ["__version__", "Result", "UserError", "load", "prune"]

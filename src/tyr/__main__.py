@@ -1,0 +1,3 @@
+from tyr.cli import main
+
+raise SystemExit(main())

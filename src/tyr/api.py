@@ -1,0 +1,246 @@
+"""`tyr.prune`: load → calibrate → prune → export → evaluate, with an atomic output directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tyr import __version__, arch, assets
+from tyr.config import PRESETS, PruneConfig, check_keys, resolve_preset
+from tyr.data import load_text, token_batches, tokenize
+from tyr.errors import UserError
+from tyr.export import save_pruned
+from tyr.models import fingerprint, load_model
+from tyr.modeling import apply_plans, plans_metadata
+from tyr.perplexity import perplexity
+from tyr.stream import capture
+from tyr.uniform import SolverOptions, prune_uniform
+
+__all__ = ["Result", "prune"]
+
+log = logging.getLogger("tyr")
+RESULT = "result.json"
+SCHEMA = "tyr.result/1"
+
+
+@dataclass
+class Result:
+    """A finished run: where it was written and the content of its result.json."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def sparsity_achieved(self) -> float:
+        return float(self.data["sparsity_achieved"])
+
+    @property
+    def ppl(self) -> dict[str, Any] | None:
+        return self.data.get("ppl")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.spans: dict[str, float] = {}
+
+    def add(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.spans[name] = round(self.spans.get(name, 0.0) + now - since, 3)
+        return now
+
+
+def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
+    """Validate --out before any work; returns (out, temporary sibling, finished result or None)."""
+    out = Path(cfg.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {cfg.out} is a file", "give a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        done = out / RESULT
+        if done.is_file() and not cfg.overwrite:
+            data = json.loads(done.read_text())
+            if data.get("config_identity") == cfg.identity():
+                return out, out, Result(out, data)
+        if not cfg.overwrite:
+            raise UserError(
+                f"--out {cfg.out} is not empty and does not hold this configuration's result",
+                "pass --overwrite or choose another directory",
+            )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"cannot write --out {cfg.out} ({exc.strerror})", "choose a writable directory") from exc
+    return out, tmp, None
+
+
+def _finish_out(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _windows(source: str, split: str, tokenizer: Any, want: int, seq_len: int, explicit: bool,
+             seed: int | None) -> torch.Tensor:
+    """Token windows for a data need; a preset's size is clipped to the source with a notice,
+    an explicitly requested size that the source cannot hold is an error."""
+    text = load_text(source, split)
+    ids = tokenize(tokenizer, text, None if seed is not None else want)
+    have = (ids.numel() // seq_len) * seq_len
+    if have < want and not explicit and have >= seq_len:
+        log.warning("%s holds %d tokens; using %d instead of the preset's %d", source, ids.numel(), have, want)
+        want = have
+    return token_batches(ids, want, seq_len, seed=seed)
+
+
+def _dense_ppl_cached(key_parts: dict[str, Any], compute) -> float:
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
+    path = assets.tyr_home() / "ppl" / f"{key}.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["ppl"])
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**key_parts, "ppl": value}))
+    os.replace(tmp, path)
+    return value
+
+
+def _layer_rows(meta: list[dict], shape: arch.Shape) -> list[dict[str, Any]]:
+    dense_a, dense_f = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
+    rows = []
+    for i, m in enumerate(meta):
+        kept_a = shape.attn_params(len(m["kept_q"]), len(m["kept_kv"]))
+        rows.append({
+            "index": i, "q_heads": len(m["kept_q"]), "kv_heads": len(m["kept_kv"]), "q_to_kv": m["q_to_kv"],
+            "intermediate": m["intermediate"],
+            "attn_sparsity": round(1 - kept_a / dense_a, 6),
+            "mlp_sparsity": round(1 - shape.mlp_params(m["intermediate"]) / dense_f, 6),
+        })
+    return rows
+
+
+def prune(model: str | None = None, *, sparsity: float, out: str | os.PathLike[str], **options: Any) -> Result:
+    """Prune `model` (hub id, HF directory, .gguf; None = the embedded SmolLM2-135M) so that
+    `sparsity` of its decoder-block parameters are removed; write the result to `out`.
+
+    Options are the keys of :class:`tyr.config.PruneConfig` (the CLI flags, underscored).
+    """
+    cfg = PruneConfig(model=model, sparsity=sparsity, out=str(out), **check_keys(options, "prune options"))
+    return run(cfg)
+
+
+def run(cfg: PruneConfig) -> Result:
+    clock = _Clock()
+    t = clock.start
+    explicit = {k for k in PRESETS["quick"] if getattr(cfg, k) is not None}
+    out, tmp, done = _prepare_out(cfg)
+    if done is not None:
+        log.info("%s already holds this result; nothing to do", out)
+        return done
+    try:
+        return _run(cfg, clock, t, explicit, out, tmp, cfg.identity())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run(
+    cfg: PruneConfig, clock: _Clock, t: float, explicit: set[str], out: Path, tmp: Path, identity: str
+) -> Result:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
+    dtype = getattr(torch, cfg.dtype)
+    loaded = load_model(cfg.model, dtype)
+    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+    shape = arch.shape_of(model, spec)
+    dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
+    cfg, preset = resolve_preset(cfg, dense_total)
+    assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
+    seq_len = min(cfg.seq_len, int(getattr(model.config, "max_position_embeddings", cfg.seq_len)))
+    workdir = Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / cfg.identity()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    t = clock.add("load", t)
+
+    log.info("model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
+             loaded.name, shape.n_layers, shape.n_q, shape.n_kv, shape.intermediate, dense_block / 1e6, preset)
+    calib = _windows(cfg.calib, "calib", tok, cfg.calib_tokens, seq_len, "calib_tokens" in explicit,
+                     cfg.seed if cfg.calib_sample == "random" else None)
+    heldout = None
+    if not cfg.no_eval:
+        heldout = _windows(cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None)
+    t = clock.add("calibration", t)
+
+    ppl: dict[str, Any] | None = None
+    if heldout is not None:
+        key = {"model": fingerprint(model), "source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len,
+               "dtype": cfg.dtype, "metric": "ppl/1"}
+        dense_ppl = _dense_ppl_cached(
+            key, lambda: perplexity(model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device,
+                                    desc="dense perplexity"))
+        ppl = {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len, "dense": dense_ppl}
+        t = clock.add("eval", t)
+
+    inputs = capture(model, spec, list(calib.split(cfg.batch_size)), cfg.device, cfg.offload, workdir)
+    t = clock.add("calibration", t)
+    try:
+        opt = SolverOptions(saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver,
+                            damp=cfg.damp)
+        plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
+    finally:
+        inputs.close()
+    t = clock.add("prune", t)
+
+    apply_plans(model, plans, spec, shape)
+    pruned_block, pruned_total = arch.count_block_params(model, spec), arch.count_total_params(model)
+    save_pruned(model, tok, plans, shape, tmp)
+    t = clock.add("export", t)
+
+    if ppl is not None and heldout is not None:
+        ppl["pruned"] = perplexity(model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device,
+                                   desc="pruned perplexity")
+        t = clock.add("eval", t)
+
+    clock.spans.update({"supernet": 0.0, "search": 0.0})
+    clock.spans["total"] = round(time.perf_counter() - clock.start, 3)
+    data: dict[str, Any] = {
+        "schema": SCHEMA,
+        "tyr_version": __version__,
+        "model": loaded.name,
+        "method": cfg.method,
+        "sparsity_target": cfg.sparsity,
+        "sparsity_achieved": round(1 - pruned_block / dense_block, 6),
+        "params": {"dense_block": dense_block, "pruned_block": pruned_block,
+                   "dense_total": dense_total, "pruned_total": pruned_total},
+        "layers": _layer_rows(plans_metadata(plans, shape), shape),
+        "ppl": ppl,
+        "timings": clock.spans,
+        "config": {**cfg.to_dict(), "seq_len": seq_len, "calib_tokens": int(calib.numel()),
+                   "eval_tokens": int(heldout.numel()) if heldout is not None else 0, "preset_resolved": preset},
+        "config_identity": identity,
+        "seed": cfg.seed,
+        "machine": {"cpus": os.cpu_count() or 1, "device": _device_name(cfg.device)},
+    }
+    (tmp / RESULT).write_text(json.dumps(data, indent=2))
+    _finish_out(tmp, out)
+    return Result(out, data)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+

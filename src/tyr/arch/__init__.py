@@ -1,0 +1,250 @@
+"""All model-family knowledge: one declarative spec per family and a registry.
+
+Nothing outside this package spells a module name such as ``q_proj``; the rest of tyr asks
+for the parts of a block through :func:`attention_parts` and :func:`mlp_parts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tyr.errors import UserError
+
+__all__ = [
+    "ArchSpec",
+    "AttentionParts",
+    "MLPParts",
+    "Shape",
+    "REGISTRY",
+    "spec_for",
+    "spec_for_config",
+    "shape_of",
+    "layers",
+    "attention_parts",
+    "mlp_parts",
+    "get_module",
+    "set_module",
+]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the pieces of a Llama-like decoder live, as attribute paths."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    # Per-head RMSNorm weights of size head_dim, shared by all heads: never sliced.
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # True when a block's output is `h + down_proj(...)` with nothing after down_proj, so a
+    # change of down_proj's weight changes the block output by exactly Z·ΔWᵀ (used to avoid a
+    # third forward pass per block during calibration).
+    mlp_output_is_residual: bool = True
+
+
+REGISTRY: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), ("LlamaForCausalLM",)),
+    ArchSpec("mistral", ("mistral",), ("MistralForCausalLM",)),
+    ArchSpec("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
+    ArchSpec("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), q_norm="q_norm", k_norm="k_norm"),
+)
+
+
+def supported() -> str:
+    return ", ".join(f"{s.name} ({'/'.join(s.architectures)})" for s in REGISTRY)
+
+
+def spec_for_config(config: Any) -> ArchSpec:
+    """Look a family up by ``config.architectures`` first, then ``model_type``; never by hub name."""
+    archs = tuple(getattr(config, "architectures", None) or ())
+    for spec in REGISTRY:
+        if any(a in spec.architectures for a in archs):
+            return spec
+    model_type = getattr(config, "model_type", None)
+    for spec in REGISTRY:
+        if model_type in spec.model_types:
+            return spec
+    found = "/".join(archs) or str(model_type)
+    raise UserError(
+        f"unsupported architecture {found!r}",
+        f"tyr supports: {supported()}",
+    )
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    return spec_for_config(model.config)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions that pruning reasons about (head_dim from the config, never d/n_q)."""
+
+    hidden: int
+    n_layers: int
+    n_q: int
+    n_kv: int
+    head_dim: int
+    intermediate: int
+    q_bias: bool
+    kv_bias: bool
+    o_bias: bool
+    mlp_bias: bool  # gate/up biases
+    down_bias: bool
+
+    @property
+    def group(self) -> int:
+        return self.n_q // self.n_kv
+
+    def attn_params(self, q: int, v: int) -> int:
+        """Real parameters of an attention sub-layer keeping q query and v KV heads (§3.2)."""
+        if q == 0:
+            return 0
+        d, dh = self.hidden, self.head_dim
+        return d * dh * (2 * q + 2 * v) + dh * (q * self.q_bias + 2 * v * self.kv_bias) + d * self.o_bias
+
+    def mlp_params(self, f: int) -> int:
+        """Real parameters of an FFN sub-layer keeping f neurons."""
+        if f == 0:
+            return 0
+        d = self.hidden
+        return 3 * d * f + 2 * f * self.mlp_bias + d * self.down_bias
+
+    @property
+    def block_params(self) -> int:
+        return self.attn_params(self.n_q, self.n_kv) + self.mlp_params(self.intermediate)
+
+
+def get_module(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
+    return get_module(model, (spec or spec_for(model)).layers)
+
+
+@dataclass
+class AttentionParts:
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+@dataclass
+class MLPParts:
+    module: nn.Module
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+def attention_parts(layer: nn.Module, spec: ArchSpec) -> AttentionParts:
+    attn = getattr(layer, spec.attn)
+    return AttentionParts(
+        module=attn,
+        q=getattr(attn, spec.q),
+        k=getattr(attn, spec.k),
+        v=getattr(attn, spec.v),
+        o=getattr(attn, spec.o),
+        q_norm=getattr(attn, spec.q_norm) if spec.q_norm else None,
+        k_norm=getattr(attn, spec.k_norm) if spec.k_norm else None,
+    )
+
+
+def mlp_parts(layer: nn.Module, spec: ArchSpec) -> MLPParts:
+    mlp = getattr(layer, spec.mlp)
+    return MLPParts(module=mlp, gate=getattr(mlp, spec.gate), up=getattr(mlp, spec.up), down=getattr(mlp, spec.down))
+
+
+def shape_of(model: nn.Module, spec: ArchSpec | None = None) -> Shape:
+    """Dimensions of the dense model, read from its first block's tensors and its config."""
+    spec = spec or spec_for(model)
+    cfg = model.config
+    first = layers(model, spec)[0]
+    a, m = attention_parts(first, spec), mlp_parts(first, spec)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Shape(
+        hidden=cfg.hidden_size,
+        n_layers=cfg.num_hidden_layers,
+        n_q=cfg.num_attention_heads,
+        n_kv=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        intermediate=m.gate.out_features,
+        q_bias=a.q.bias is not None,
+        kv_bias=a.k.bias is not None,
+        o_bias=a.o.bias is not None,
+        mlp_bias=m.gate.bias is not None,
+        down_bias=m.down.bias is not None,
+    )
+
+
+def block_linears(layer: nn.Module, spec: ArchSpec) -> list[nn.Linear]:
+    """The seven prunable projections of a block, whose tensors P_blk counts (§2.2)."""
+    a, m = attention_parts(layer, spec), mlp_parts(layer, spec)
+    return [a.q, a.k, a.v, a.o, m.gate, m.up, m.down]
+
+
+def count_block_params(model: nn.Module, spec: ArchSpec | None = None) -> int:
+    """P_blk counted on the tensors (weights and biases of q,k,v,o,gate,up,down)."""
+    spec = spec or spec_for(model)
+    total = 0
+    for layer in layers(model, spec):
+        for lin in block_linears(layer, spec):
+            total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+    return total
+
+
+def count_total_params(model: nn.Module) -> int:
+    """All distinct parameters (a tied lm_head counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def rotary_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding as used by all registered families (rotate-half form).
+
+    q, k: [B, heads, T, d_h]; cos, sin: [B, T, d_h].
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,100 @@
+"""Command line: each subcommand parses into a config and makes one API call.
+
+Exit codes: 0 success, 2 bad input or environment (one line on stderr), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, NoReturn
+
+from tyr.config import PRESET_NAMES, PruneConfig, check_keys, load_config_file, parse_set
+from tyr.errors import UserError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tyr: error: {message}; see '{self.prog} --help'\n")
+
+
+def _prune_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune a model", argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="hub id, HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--sparsity", type=float, help="fraction of decoder-block parameters to remove, in (0, 1)")
+    p.add_argument("--out", help="output directory (written atomically)")
+    p.add_argument("--method", help="layer-wise allocation: uniform")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="data sizes (auto: quick under 1B on CPU)")
+    p.add_argument("--config", dest="config_file", help="YAML or JSON file of options")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one option")
+    p.add_argument("--calib", help="wiki (default), a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, help="sequence length")
+    p.add_argument("--eval-tokens", type=int, help="held-out perplexity tokens")
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    p.add_argument("--saliency", help="obs_block (default) or paper")
+    p.add_argument("--schedule", help="rounds (default) or per_step")
+    p.add_argument("--gqa", help="free (default) or uniform")
+    p.add_argument("--workdir", help="work files (default $TYR_HOME/runs/<hash>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--dtype", help="float32 (default) or bfloat16")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tyr", description="Structural pruning of decoder-only LLMs.")
+    from tyr import __version__
+
+    parser.add_argument("--version", action="version", version=f"tyr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _prune_parser(sub)
+    return parser
+
+
+def _prune(ns: argparse.Namespace) -> int:
+    from tyr.api import run
+
+    flags = vars(ns)
+    values: dict[str, Any] = {}
+    if "config_file" in flags:
+        values.update(load_config_file(flags.pop("config_file")))
+    overrides = parse_set(flags.pop("overrides", []))
+    flags.pop("command", None)
+    flags.pop("quiet", None)
+    values.update(check_keys(flags, "the command line"))
+    values.update(overrides)
+    for key in ("sparsity", "out"):
+        if key not in values:
+            raise UserError(f"--{key} is required", "e.g. tyr prune --sparsity 0.5 --out pruned")
+    result = run(PruneConfig(**values))
+    summary = {k: result.data[k] for k in ("sparsity_target", "sparsity_achieved", "params", "ppl")}
+    print(json.dumps({"out": str(result.path), **summary}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(ns, "quiet", False) else logging.INFO,
+        format="tyr: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if ns.command == "prune":
+            return _prune(ns)
+        raise AssertionError(ns.command)
+    except UserError as exc:
+        print(f"tyr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tyr: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,152 @@
+"""Typed, frozen, validated configuration of a `tyr prune` run; saved with every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tyr.errors import UserError
+
+__all__ = ["PruneConfig", "PRESETS", "load_config_file", "parse_set", "resolve_preset"]
+
+METHODS = ("uniform",)
+PRESET_NAMES = ("auto", "smoke", "quick", "paper")
+
+# Data sizes per preset. `quick` is sized so that the embedded 135M model finishes on 2 CPU
+# cores in a few minutes; `paper` is the paper's protocol (clipped to what the source holds).
+PRESETS: dict[str, dict[str, int]] = {
+    "smoke": {"calib_tokens": 2048, "seq_len": 256, "eval_tokens": 2048, "batch_size": 8},
+    "quick": {"calib_tokens": 32768, "seq_len": 512, "eval_tokens": 32768, "batch_size": 8},
+    "paper": {"calib_tokens": 4_194_304, "seq_len": 4096, "eval_tokens": 4_194_304, "batch_size": 1},
+}
+
+
+def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float = field(metadata=_meta("fraction of decoder-block parameters to remove, in (0, 1)"))
+    out: str = field(metadata=_meta("output directory"))
+    model: str | None = field(default=None, metadata=_meta("hub id, HF directory or .gguf; None = embedded"))
+    method: str = field(default="uniform", metadata=_meta("layer-wise allocation", METHODS))
+    preset: str = field(default="auto", metadata=_meta("data sizes", PRESET_NAMES))
+    calib: str = field(default="wiki", metadata=_meta("calibration source"))
+    calib_tokens: int | None = field(default=None, metadata=_meta("calibration tokens"))
+    seq_len: int | None = field(default=None, metadata=_meta("sequence length for calibration and eval"))
+    calib_sample: str = field(default="first", metadata=_meta("first tokens or seeded windows", ("first", "random")))
+    eval_data: str = field(default="wiki:heldout", metadata=_meta("held-out perplexity source"))
+    eval_tokens: int | None = field(default=None, metadata=_meta("held-out perplexity tokens"))
+    no_eval: bool = field(default=False, metadata=_meta("skip perplexity"))
+    saliency: str = field(default="obs_block", metadata=_meta("group saliency", ("obs_block", "paper")))
+    schedule: str = field(default="rounds", metadata=_meta("FFN removal schedule", ("rounds", "per_step")))
+    gqa: str = field(default="free", metadata=_meta("GQA head structure", ("free", "uniform")))
+    solver: str = field(default="obs", metadata=_meta("obs = Hessian pruner; magnitude = baseline", ("obs", "magnitude")))
+    damp: float = field(default=0.01, metadata=_meta("Hessian damping relative to mean(diag H)"))
+    batch_size: int | None = field(default=None, metadata=_meta("sequences per forward"))
+    offload: str = field(default="cpu", metadata=_meta("where block activations live", ("cpu", "disk")))
+    workdir: str | None = field(default=None, metadata=_meta("work files; default $TYR_HOME/runs/<hash>"))
+    overwrite: bool = field(default=False, metadata=_meta("replace a non-empty --out"))
+    dtype: str = field(default="float32", metadata=_meta("model dtype", ("float32", "bfloat16")))
+    device: str = field(default="cpu", metadata=_meta("compute device", ("cpu", "cuda")))
+    seed: int = field(default=0, metadata=_meta("seed of every random choice"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.sparsity) < 1.0:
+            raise UserError(f"sparsity {self.sparsity} is outside (0, 1)", "give a fraction such as 0.25 or 0.5")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UserError(f"{f.name}={value!r} is not valid", f"choose one of {', '.join(choices)}")
+        for key in ("calib_tokens", "seq_len", "eval_tokens", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise UserError(f"{key}={value} must be positive", "give a positive integer")
+        if not self.damp > 0:
+            raise UserError(f"damp={self.damp} must be positive", "the default is 0.01")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> str:
+        """Hash of everything that changes the result (not where it is written)."""
+        keep = {k: v for k, v in self.to_dict().items() if k not in ("out", "workdir", "overwrite")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(PruneConfig)
+    return {f.name: hints[f.name] for f in fields(PruneConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _field_types()[key]
+    if isinstance(kind, types.UnionType):  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{key}={value!r} is not a valid {kind.__name__}", "fix the value") from exc
+
+
+def check_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = _field_types()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} in {where}", f"known keys: {', '.join(known)}")
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist", "check the --config path")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError both derive from it
+        raise UserError(f"cannot parse {path}: {exc}", "fix the file") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a mapping of keys to values", "write key: value lines")
+    return check_keys({k.replace("-", "_"): v for k, v in data.items()}, path)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} is not KEY=VALUE", "write for example --set damp=0.02")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return check_keys(out, "--set")
+
+
+def resolve_preset(cfg: PruneConfig, n_params: int) -> tuple[PruneConfig, str]:
+    """Fill unset data sizes from the preset (`auto`: quick under 1B parameters on CPU)."""
+    name = cfg.preset
+    if name == "auto":
+        name = "quick" if n_params < 1_000_000_000 and cfg.device == "cpu" else "paper"
+    sizes = PRESETS[name]
+    updates = {k: v for k, v in sizes.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **updates), name

@@ -1,0 +1,294 @@
+"""Local pruning of one sub-layer at one sparsity (ALGORITHM.md §4): pure tensor math.
+
+Convention y = x·W with W ∈ ℝ^{d_in×d_out} (``nn.Linear.weight`` stores Wᵀ). A *group* is a set
+of rows of W that is removed together: the d_h rows of one query head in o_proj, one row per
+neuron in down_proj. Nothing here knows about modules, hooks, files or devices.
+
+Objective (paper Eq. 2): f(Ŵ) = −⟨Ŵ, G⟩ + ½⟨Ŵ, H_d Ŵ⟩ with H_d = H + λI, G = H_d·W, i.e.
+½‖XŴ − XW‖² + ½λ‖Ŵ − W‖² + const, subject to the rows of removed groups being zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SALIENCIES",
+    "SCHEDULES",
+    "Problem",
+    "OBSState",
+    "Solution",
+    "make_problem",
+    "chol_inverse",
+    "group_rows",
+    "scores",
+    "obs_remove",
+    "removal_order",
+    "schedule_steps",
+    "refit",
+    "rel_error",
+    "solve",
+    "solution_for_kept",
+    "magnitude_order",
+]
+
+log = logging.getLogger(__name__)
+
+SALIENCIES = ("obs_block", "paper")
+SCHEDULES = ("rounds", "per_step")
+_TINY = 1e-12
+
+
+@dataclass
+class Problem:
+    """One sub-layer's solver inputs, in the solver dtype."""
+
+    W: Tensor  # [d_in, d_out] dense weight with dead rows zeroed
+    Hd: Tensor  # [d_in, d_in] damped Gram matrix H + λI
+    G: Tensor  # [d_in, d_out] H_d·W (first-order Taylor term)
+    lam: float
+    dead: Tensor  # bool [d_in]: H_pp == 0
+
+
+def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> Problem:
+    """Zero dead rows, damp H by λ = damp·mean(diag H) and form G = H_d·W (§4.1)."""
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(dtype)
+    diag = H.diagonal()
+    dead = diag <= 0
+    W[dead] = 0
+    mean_diag = float(diag.clamp(min=0).mean())
+    lam = damp * mean_diag if mean_diag > 0 else 1.0  # all dead: any λ > 0 makes H_d = λI
+    Hd = H + lam * torch.eye(H.shape[0], dtype=dtype, device=H.device)
+    return Problem(W=W, Hd=Hd, G=Hd @ W, lam=lam, dead=dead)
+
+
+def _cholesky(A: Tensor, jitter: float) -> Tensor:
+    """Lower Cholesky factor; on failure add ×10 the jitter up to three times, then fp64 on CPU."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    extra = 0.0
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(A + extra * eye)
+        if int(info.max()) == 0:
+            if attempt:
+                log.warning("Cholesky needed %.3g extra damping", extra)
+            return L
+        extra = jitter * (10 ** (attempt + 1) - 1)
+    if A.dtype != torch.float64 or A.device.type != "cpu":
+        return _cholesky(A.double().cpu(), jitter).to(A.dtype).to(A.device)
+    raise FloatingPointError("matrix is not positive definite even after damping")
+
+
+def chol_inverse(A: Tensor, jitter: float | None = None) -> Tensor:
+    """Inverse of a symmetric positive-definite matrix through its Cholesky factor."""
+    if jitter is None:
+        jitter = max(float(A.diagonal().mean()) * 0.01, _TINY)
+    return torch.cholesky_inverse(_cholesky(A, jitter))
+
+
+def group_rows(n_groups: int, size: int, device: torch.device | None = None) -> Tensor:
+    """Row indices of each group, [n_groups, size]: group g owns rows g·size … g·size+size−1."""
+    return torch.arange(n_groups * size, device=device).view(n_groups, size)
+
+
+@dataclass
+class OBSState:
+    """Compensated weight and inverse Hessian during progressive removal (§4.4)."""
+
+    W: Tensor  # [d_in, d_out]
+    Hinv: Tensor  # [d_in, d_in]
+    removed: Tensor  # bool [d_in]
+
+    @classmethod
+    def start(cls, problem: Problem) -> OBSState:
+        return cls(
+            W=problem.W.clone(),
+            Hinv=chol_inverse(problem.Hd),
+            removed=torch.zeros(problem.W.shape[0], dtype=torch.bool, device=problem.W.device),
+        )
+
+
+def _spd_solve(B: Tensor, X: Tensor) -> Tensor:
+    """Solve B·Y = X for a batch of small SPD blocks B [n, r, r], X [n, r, c]."""
+    jitter = max(float(B.diagonal(dim1=-2, dim2=-1).mean()) * 1e-10, _TINY)
+    return torch.cholesky_solve(X, _cholesky(B, jitter))
+
+
+def scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str) -> Tensor:
+    """Saliency of each group (lower goes first); groups with a removed row score +∞ (§4.3).
+
+    groups: [n_groups, size] row indices. Evaluated on the current W and H⁻¹ with G fixed.
+    """
+    Wg = state.W[groups]  # [n, size, d_out]
+    Gg = G[groups]
+    first = (Wg * Gg).sum(dim=(1, 2))  # ⟨W_R, G_R⟩
+    diag = state.Hinv.diagonal()[groups].clamp(min=_TINY)  # [n, size]
+    if saliency == "paper":
+        row_first = (Wg * Gg).sum(dim=2).abs()
+        row_obs = (Wg * Wg).sum(dim=2) / (2 * diag)
+        out = (row_first + row_obs).mean(dim=1)
+    elif saliency == "obs_block":
+        if groups.shape[1] == 1:
+            obs = (Wg[:, 0] ** 2).sum(dim=1) / (2 * diag[:, 0])
+        else:
+            B = state.Hinv[groups.unsqueeze(2), groups.unsqueeze(1)]  # [n, size, size]
+            live = ~state.removed[groups].any(dim=1)
+            obs = torch.zeros(groups.shape[0], dtype=Wg.dtype, device=Wg.device)
+            if live.any():
+                Y = _spd_solve(B[live], Wg[live])
+                obs[live] = 0.5 * (Wg[live] * Y).sum(dim=(1, 2))
+        out = obs + first
+    else:
+        raise ValueError(f"unknown saliency {saliency!r}; expected one of {SALIENCIES}")
+    return out.masked_fill(state.removed[groups].any(dim=1), math.inf)
+
+
+def obs_remove(state: OBSState, rows: Tensor) -> None:
+    """Remove rows P with OBS compensation and a block Woodbury downdate of H⁻¹ (in place)."""
+    if rows.numel() == 0:
+        return
+    Hp = state.Hinv[:, rows]  # [d_in, |P|]
+    Hpp = Hp[rows]  # [|P|, |P|]
+    L = _cholesky(Hpp, max(float(Hpp.diagonal().mean()) * 1e-10, _TINY))
+    MW = torch.cholesky_solve(state.W[rows], L)  # M·W_P
+    MHt = torch.cholesky_solve(Hp.T.contiguous(), L)  # M·(H⁻¹)_{P,:}
+    state.W -= Hp @ MW
+    state.W[rows] = 0
+    state.Hinv -= Hp @ MHt
+    state.Hinv[rows] = 0
+    state.Hinv[:, rows] = 0
+    state.Hinv = 0.5 * (state.Hinv + state.Hinv.T)
+    state.removed[rows] = True
+
+
+def schedule_steps(r: int, schedule: str, rounds: int = 16, per_step: int = 16) -> list[int]:
+    """How many groups each round removes (§4.5); sums to r."""
+    if r <= 0:
+        return []
+    if schedule == "rounds":
+        R = max(1, min(rounds, r))
+        base, extra = divmod(r, R)
+        return [base + 1] * extra + [base] * (R - extra)
+    if schedule == "per_step":
+        m = max(1, per_step)
+        return [m] * (r // m) + ([r % m] if r % m else [])
+    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+
+
+def removal_order(
+    problem: Problem,
+    groups: Tensor,
+    steps: Iterable[int],
+    saliency: str,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[int]:
+    """Progressive OBS removal (§4.4): returns group indices in the order they were removed.
+
+    Each round removes the `m` lowest-scoring remaining groups jointly; `stop(order)` is asked
+    after every round and ends the removal early when it returns True.
+    """
+    state = OBSState.start(problem)
+    order: list[int] = []
+    for m in steps:
+        s = scores(state, problem.G, groups, saliency)
+        pick = torch.topk(s, m, largest=False).indices  # ascending score
+        obs_remove(state, groups[pick].reshape(-1))
+        order.extend(int(i) for i in pick)
+        if stop is not None and stop(order):
+            break
+    return order
+
+
+def refit(problem: Problem, kept_rows: Tensor) -> Tensor:
+    """Ŵ_K = (H_d)_KK⁻¹·G_K, Ŵ_¬K = 0 (§4.6): the ridge least-squares fit of XW from kept inputs."""
+    W_hat = torch.zeros_like(problem.W)
+    if kept_rows.numel() == 0:
+        return W_hat
+    Hkk = problem.Hd[kept_rows][:, kept_rows]
+    try:
+        L = _cholesky(Hkk, max(problem.lam, _TINY))
+        W_hat[kept_rows] = torch.cholesky_solve(problem.G[kept_rows], L)
+    except FloatingPointError:
+        log.warning("refit fell back to lstsq")
+        W_hat[kept_rows] = torch.linalg.lstsq(Hkk.double().cpu(), problem.G[kept_rows].double().cpu()).solution.to(
+            W_hat
+        )
+    return W_hat
+
+
+def rel_error(problem: Problem, W_hat: Tensor) -> float:
+    """ε = ⟨Ŵ−W, H_d(Ŵ−W)⟩ / ⟨W, H_d W⟩ (0 for an unchanged weight, 1-ish for a removed one)."""
+    D = W_hat - problem.W
+    den = float((problem.W * (problem.Hd @ problem.W)).sum())
+    return float((D * (problem.Hd @ D)).sum()) / den if den > 0 else 0.0
+
+
+@dataclass
+class Solution:
+    """A pruned sub-layer: full-size weight (zero rows for removed groups) and kept groups."""
+
+    weight: Tensor  # [d_in, d_out] solver dtype
+    kept: Tensor  # int64 ascending group indices
+    eps: float
+
+
+def solution_for_kept(problem: Problem, kept: Tensor, size: int, *, refit_weights: bool = True) -> Solution:
+    """Refit (or just mask) the weight for a given kept set of groups."""
+    kept = torch.sort(kept.to(torch.long)).values
+    n = problem.W.shape[0] // size
+    if kept.numel() == n:  # r = 0: the weight with dead rows zeroed, no refit (§4.8)
+        return Solution(problem.W.clone(), kept, 0.0)
+    rows = group_rows(n, size, problem.W.device)[kept].reshape(-1)
+    if refit_weights:
+        W_hat = refit(problem, rows)
+    else:
+        W_hat = torch.zeros_like(problem.W)
+        W_hat[rows] = problem.W[rows]
+    return Solution(W_hat, kept, rel_error(problem, W_hat))
+
+
+def _kept_after(n: int, removed: Sequence[int], device: torch.device) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+    if removed:
+        mask[torch.tensor(list(removed), dtype=torch.long, device=device)] = False
+    return mask.nonzero().flatten()
+
+
+def solve(
+    W: Tensor,
+    H: Tensor,
+    size: int,
+    r: int,
+    *,
+    saliency: str = "obs_block",
+    schedule: str = "rounds",
+    rounds: int = 16,
+    per_step: int = 16,
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float64,
+) -> Solution:
+    """Remove r of the W.shape[0]/size groups: progressive OBS removal, then the final refit."""
+    problem = make_problem(W, H, damp=damp, dtype=dtype)
+    n = W.shape[0] // size
+    if not 0 <= r <= n:
+        raise ValueError(f"cannot remove {r} of {n} groups")
+    if r == 0:
+        return solution_for_kept(problem, torch.arange(n), size)
+    if r == n or bool(problem.dead.all()):
+        return Solution(torch.zeros_like(problem.W), torch.zeros(0, dtype=torch.long), 1.0)
+    groups = group_rows(n, size, problem.W.device)
+    order = removal_order(problem, groups, schedule_steps(r, schedule, rounds, per_step), saliency)
+    return solution_for_kept(problem, _kept_after(n, order, problem.W.device), size)
+
+
+def magnitude_order(W: Tensor, size: int) -> list[int]:
+    """Baseline: groups ordered by the L2 norm of their rows, smallest first."""
+    n = W.shape[0] // size
+    norms = W.detach().double().reshape(n, size * W.shape[1]).norm(dim=1)
+    return [int(i) for i in torch.argsort(norms, stable=True)]

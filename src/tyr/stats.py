@@ -1,0 +1,61 @@
+"""Hook-driven accumulation of the Gram matrix H = XᵀX of a Linear's inputs (ALGORITHM.md §4.1)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from tyr.stream import StopForward
+
+__all__ = ["Gram", "gram_of"]
+
+
+class Gram:
+    """Running H = Σ xᵀx over all tokens, accumulated from upcast inputs with TF32 off."""
+
+    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.tokens = 0
+        self.inputs: list[Tensor] = []  # kept only when asked (keep_inputs)
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
+        allow = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            self.H.addmm_(x.T, x)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+        self.tokens += x.shape[0]
+
+
+@contextlib.contextmanager
+def gram_of(
+    linear: nn.Linear,
+    gram: Gram,
+    *,
+    stop: bool = False,
+    keep_inputs: bool = False,
+) -> Iterator[Gram]:
+    """Accumulate the inputs of `linear` into `gram` while the context is open.
+
+    stop=True ends each forward right after the input is seen (raises :class:`StopForward`,
+    which the caller catches); keep_inputs=True also keeps every input chunk (on the host).
+    """
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        gram.add(x)
+        if keep_inputs:
+            gram.inputs.append(x.detach().to("cpu"))
+        if stop:
+            raise StopForward()
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        yield gram
+    finally:
+        handle.remove()

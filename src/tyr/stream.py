@@ -1,0 +1,182 @@
+"""Layer streaming: capture block-0 inputs with every argument, then run one block at a time.
+
+The whole model never sits on the compute device: embeddings and rotary tables go there for
+the capture, then each block in turn. Block inputs/outputs live in an :class:`ActivationStore`
+on the host or on disk (ALGORITHM.md §11.1, DESIGN.md §4.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tyr import arch
+from tyr.arch import ArchSpec
+
+__all__ = ["ActivationStore", "BlockInputs", "capture", "forward_block", "run_blocks", "StopForward", "to_device", "on_device"]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needed was seen."""
+
+    def __init__(self, args: tuple = (), kwargs: dict | None = None) -> None:
+        super().__init__("forward stopped by hook")
+        self.args_seen = args
+        self.kwargs_seen = kwargs or {}
+
+
+class ActivationStore:
+    """A list of hidden-state chunks kept in host memory or in files (`offload="disk"`)."""
+
+    def __init__(self, offload: str = "cpu", root: Path | None = None) -> None:
+        if offload not in ("cpu", "disk"):
+            raise ValueError(f"offload must be 'cpu' or 'disk', not {offload!r}")
+        self.offload = offload
+        self._items: list[Any] = []
+        self._dir: Path | None = None
+        if offload == "disk":
+            self._dir = Path(tempfile.mkdtemp(prefix="tyr-act-", dir=root))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _put(self, i: int, x: Tensor) -> Any:
+        x = x.detach().to("cpu")
+        if self._dir is None:
+            return x
+        path = self._dir / f"{i:06d}.pt"
+        torch.save(x.contiguous(), path)
+        return path
+
+    def append(self, x: Tensor) -> None:
+        self._items.append(self._put(len(self._items), x))
+
+    def __setitem__(self, i: int, x: Tensor) -> None:
+        self._items[i] = self._put(i, x)
+
+    def __getitem__(self, i: int) -> Tensor:
+        item = self._items[i]
+        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class BlockInputs:
+    """Hidden states entering the current block plus the decoder-layer kwargs of each chunk."""
+
+    def __init__(self, hidden: ActivationStore, kwargs: list[dict[str, Any]]) -> None:
+        self.hidden = hidden
+        self.kwargs = kwargs
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def close(self) -> None:
+        self.hidden.close()
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _base_model(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    return arch.get_module(model, spec.layers.rpartition(".")[0])
+
+
+@torch.inference_mode()
+def capture(
+    model: nn.Module,
+    spec: ArchSpec,
+    batches: Sequence[Tensor],
+    device: torch.device | str = "cpu",
+    offload: str = "cpu",
+    offload_root: Path | None = None,
+) -> BlockInputs:
+    """Run the embedding stage for each token batch [b, T] and keep block 0's inputs and kwargs."""
+    base = _base_model(model, spec)
+    first = arch.layers(model, spec)[0]
+    front = [arch.get_module(model, spec.embed), arch.get_module(model, spec.rotary)]
+    for m in front:
+        m.to(device)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise StopForward(args, kwargs)
+
+    store = ActivationStore(offload, offload_root)
+    all_kwargs: list[dict[str, Any]] = []
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                base(input_ids=ids.to(device), use_cache=False)
+            except StopForward as seen:
+                args, kwargs = seen.args_seen, dict(seen.kwargs_seen)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                for key in ("cache", "past_key_values", "past_key_value"):
+                    kwargs.pop(key, None)
+                kwargs["use_cache"] = False
+                store.append(hidden)
+                all_kwargs.append(to_device(kwargs, "cpu"))
+            else:
+                raise RuntimeError("block 0 was never reached while capturing its inputs")
+    finally:
+        handle.remove()
+        if str(device) != "cpu":
+            for m in front:
+                m.to("cpu")
+    return BlockInputs(store, all_kwargs)
+
+
+def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """One decoder layer; isolates the tuple-vs-tensor output difference between versions."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Hold one block on the compute device for the duration of the block's work."""
+    if str(device) == "cpu":
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+def run_blocks(
+    model: nn.Module,
+    spec: ArchSpec,
+    inputs: BlockInputs,
+    device: torch.device | str = "cpu",
+    on_block: Callable[[int], None] | None = None,
+) -> BlockInputs:
+    """Propagate the stored inputs through every block, in place; returns the final hidden states."""
+    with torch.inference_mode():
+        for b, layer in enumerate(arch.layers(model, spec)):
+            with on_device(layer, device):
+                for i in range(len(inputs)):
+                    kw = to_device(inputs.kwargs[i], device)
+                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kw)
+            if on_block is not None:
+                on_block(b)
+    return inputs

@@ -1,0 +1,138 @@
+"""Uniform structural pruning: every block pruned by the same fraction with the local pruner and
+full (chosen-path) error propagation — block b is calibrated on the outputs of the already
+pruned blocks < b. The paper's local-pruning baseline (ALGORITHM.md §10.2, Table 4)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tyr import arch
+from tyr.arch import ArchSpec, Shape
+from tyr.gqa import layout, prune_attention, round_half_up, spread
+from tyr.local import Solution, make_problem, magnitude_order, solution_for_kept, solve
+from tyr.modeling import LayerPlan
+from tyr.stats import Gram, gram_of
+from tyr.stream import BlockInputs, StopForward, forward_block, on_device, to_device
+
+__all__ = ["Allocation", "allocate", "prune_uniform"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-type removal targets: real attention parameters in total, neurons per block."""
+
+    attn_params: int  # U_A in real parameters, corrected block by block
+    mlp_neurons: list[int]  # r_b per block, summing to U_F = round_half_up(S·d_ff·L)
+
+
+def allocate(shape: Shape, sparsity: float) -> Allocation:
+    """The same fraction for every block, counted in real parameters (ALGORITHM.md §0 A1, §2.4)."""
+    S = Fraction(str(sparsity))
+    attn_total = shape.n_layers * shape.attn_params(shape.n_q, shape.n_kv)
+    U_F = round_half_up(S * shape.intermediate * shape.n_layers)
+    return Allocation(round_half_up(S * attn_total), spread(U_F, shape.n_layers))
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    saliency: str = "obs_block"
+    schedule: str = "rounds"
+    gqa: str = "free"
+    solver: str = "obs"  # "magnitude": baseline ranking by weight norm, no compensation, no refit
+    damp: float = 0.01
+
+
+def _solve_mlp(W: Tensor, H: Tensor, r: int, opt: SolverOptions) -> Solution:
+    if opt.solver == "magnitude":
+        problem = make_problem(W, H, damp=opt.damp)
+        gone = set(magnitude_order(problem.W, 1)[:r])
+        kept = torch.tensor([j for j in range(W.shape[0]) if j not in gone], dtype=torch.long)
+        return solution_for_kept(problem, kept, 1, refit_weights=False)
+    return solve(W, H, 1, r, saliency=opt.saliency, schedule=opt.schedule, damp=opt.damp)
+
+
+def _attn_gram(layer: nn.Module, o: nn.Linear, inputs: BlockInputs, device: str) -> Gram:
+    """Pass 1: o_proj inputs only (the forward stops right after o_proj sees them)."""
+    gram = Gram(o.in_features, device=device)
+    with gram_of(o, gram, stop=True):
+        for i in range(len(inputs)):
+            try:
+                forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+            except StopForward:
+                pass
+    return gram
+
+
+@torch.inference_mode()
+def prune_uniform(
+    model: nn.Module,
+    spec: ArchSpec,
+    shape: Shape,
+    inputs: BlockInputs,
+    sparsity: float,
+    opt: SolverOptions,
+    device: str = "cpu",
+) -> list[LayerPlan | None]:
+    """Prune every block in place (masked: refitted o_proj/down_proj with zero columns) and
+    return the per-block plans. `inputs` (block-0 inputs) are consumed: on return they hold the
+    pruned model's final hidden states."""
+    alloc = allocate(shape, sparsity)
+    attn_left = alloc.attn_params
+    plans: list[LayerPlan | None] = []
+    blocks = arch.layers(model, spec)
+    bar = tqdm(total=len(blocks), desc="pruning blocks", unit="block")
+    for b, layer in enumerate(blocks):
+        with on_device(layer, device):
+            a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+            # Attention: target the remaining budget spread evenly over the remaining blocks.
+            target = round(attn_left / (len(blocks) - b))
+            H_A = _attn_gram(layer, a.o, inputs, device).H
+            sol_a = prune_attention(
+                make_problem(a.o.weight.T, H_A, damp=opt.damp), shape, target,
+                mode=opt.gqa, saliency=opt.saliency, magnitude=opt.solver == "magnitude",
+            )
+            heads = layout(sol_a.kept.tolist(), shape.n_q, shape.n_kv)
+            attn_left -= shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(
+                len(heads.kept_q), len(heads.kept_kv)
+            )
+            a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
+
+            # Pass 2 (sequential): down_proj inputs under the pruned attention, and outputs.
+            keep = spec.mlp_output_is_residual
+            gram_f = Gram(m.down.in_features, device=device)
+            outs = []
+            with gram_of(m.down, gram_f, keep_inputs=keep):
+                for i in range(len(inputs)):
+                    outs.append(forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)))
+            sol_f = _solve_mlp(m.down.weight.T, gram_f.H, alloc.mlp_neurons[b], opt)
+            new_down = sol_f.weight.T.to(m.down.weight)
+            delta = new_down - m.down.weight
+            m.down.weight.copy_(new_down)
+            for i in range(len(inputs)):
+                if keep:  # y = h + down(z): the new output is the old one plus z·ΔWᵀ
+                    z = gram_f.inputs[i].to(device)
+                    inputs.hidden[i] = outs[i] + z @ delta.T
+                else:
+                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+        plans.append(
+            LayerPlan(
+                heads=heads,
+                kept_neurons=tuple(sol_f.kept.tolist()),
+                o_weight=a.o.weight.detach().to("cpu").clone(),
+                down_weight=m.down.weight.detach().to("cpu").clone(),
+            )
+        )
+        log.debug("block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f", b, len(heads.kept_q),
+                  shape.n_q, len(heads.kept_kv), len(sol_f.kept), sol_a.eps, sol_f.eps)
+        bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
+        bar.update()
+    bar.close()
+    return plans

@@ -19,8 +19,8 @@ from tyr.config import PRESETS, PruneConfig, check_keys, resolve_preset
 from tyr.data import load_text, token_batches, tokenize
 from tyr.errors import UserError
 from tyr.export import save_pruned
-from tyr.models import fingerprint, load_model
 from tyr.modeling import apply_plans, plans_metadata
+from tyr.models import fingerprint, load_weights, open_model
 from tyr.perplexity import perplexity
 from tyr.stream import capture
 from tyr.uniform import SolverOptions, prune_uniform
@@ -80,7 +80,9 @@ def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     except OSError as exc:
-        raise UserError(f"cannot write --out {cfg.out} ({exc.strerror})", "choose a writable directory") from exc
+        raise UserError(
+            f"cannot write --out {cfg.out} ({exc.strerror})", "choose a writable directory"
+        ) from exc
     return out, tmp, None
 
 
@@ -92,15 +94,18 @@ def _finish_out(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _windows(source: str, split: str, tokenizer: Any, want: int, seq_len: int, explicit: bool,
-             seed: int | None) -> torch.Tensor:
+def _windows(
+    source: str, split: str, tokenizer: Any, want: int, seq_len: int, explicit: bool, seed: int | None
+) -> torch.Tensor:
     """Token windows for a data need; a preset's size is clipped to the source with a notice,
     an explicitly requested size that the source cannot hold is an error."""
     text = load_text(source, split)
     ids = tokenize(tokenizer, text, None if seed is not None else want)
     have = (ids.numel() // seq_len) * seq_len
     if have < want and not explicit and have >= seq_len:
-        log.warning("%s holds %d tokens; using %d instead of the preset's %d", source, ids.numel(), have, want)
+        log.warning(
+            "%s holds %d tokens; using %d instead of the preset's %d", source, ids.numel(), have, want
+        )
         want = have
     return token_batches(ids, want, seq_len, seed=seed)
 
@@ -123,16 +128,23 @@ def _layer_rows(meta: list[dict], shape: arch.Shape) -> list[dict[str, Any]]:
     rows = []
     for i, m in enumerate(meta):
         kept_a = shape.attn_params(len(m["kept_q"]), len(m["kept_kv"]))
-        rows.append({
-            "index": i, "q_heads": len(m["kept_q"]), "kv_heads": len(m["kept_kv"]), "q_to_kv": m["q_to_kv"],
-            "intermediate": m["intermediate"],
-            "attn_sparsity": round(1 - kept_a / dense_a, 6),
-            "mlp_sparsity": round(1 - shape.mlp_params(m["intermediate"]) / dense_f, 6),
-        })
+        rows.append(
+            {
+                "index": i,
+                "q_heads": len(m["kept_q"]),
+                "kv_heads": len(m["kept_kv"]),
+                "q_to_kv": m["q_to_kv"],
+                "intermediate": m["intermediate"],
+                "attn_sparsity": round(1 - kept_a / dense_a, 6),
+                "mlp_sparsity": round(1 - shape.mlp_params(m["intermediate"]) / dense_f, 6),
+            }
+        )
     return rows
 
 
-def prune(model: str | None = None, *, sparsity: float, out: str | os.PathLike[str], **options: Any) -> Result:
+def prune(
+    model: str | None = None, *, sparsity: float, out: str | os.PathLike[str], **options: Any
+) -> Result:
     """Prune `model` (hub id, HF directory, .gguf; None = the embedded SmolLM2-135M) so that
     `sparsity` of its decoder-block parameters are removed; write the result to `out`.
 
@@ -162,43 +174,73 @@ def _run(
 ) -> Result:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
-    dtype = getattr(torch, cfg.dtype)
-    loaded = load_model(cfg.model, dtype)
-    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+    opened = open_model(cfg.model)
+    tok, spec = opened.tokenizer, opened.spec
+    cfg, preset = resolve_preset(cfg, opened.param_count())
+    assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
+    seq_len = min(cfg.seq_len, int(getattr(opened.config, "max_position_embeddings", cfg.seq_len)))
+    t = clock.add("load", t)
+
+    # Data first: a bad source fails before any weights are read.
+    calib = _windows(
+        cfg.calib,
+        "calib",
+        tok,
+        cfg.calib_tokens,
+        seq_len,
+        "calib_tokens" in explicit,
+        cfg.seed if cfg.calib_sample == "random" else None,
+    )
+    heldout = None
+    if not cfg.no_eval:
+        heldout = _windows(
+            cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None
+        )
+    t = clock.add("calibration", t)
+
+    model = load_weights(opened, getattr(torch, cfg.dtype))
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    cfg, preset = resolve_preset(cfg, dense_total)
-    assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
-    seq_len = min(cfg.seq_len, int(getattr(model.config, "max_position_embeddings", cfg.seq_len)))
     workdir = Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / cfg.identity()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    log.info(
+        "model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
+        opened.name,
+        shape.n_layers,
+        shape.n_q,
+        shape.n_kv,
+        shape.intermediate,
+        dense_block / 1e6,
+        preset,
+    )
     t = clock.add("load", t)
-
-    log.info("model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
-             loaded.name, shape.n_layers, shape.n_q, shape.n_kv, shape.intermediate, dense_block / 1e6, preset)
-    calib = _windows(cfg.calib, "calib", tok, cfg.calib_tokens, seq_len, "calib_tokens" in explicit,
-                     cfg.seed if cfg.calib_sample == "random" else None)
-    heldout = None
-    if not cfg.no_eval:
-        heldout = _windows(cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None)
-    t = clock.add("calibration", t)
 
     ppl: dict[str, Any] | None = None
     if heldout is not None:
-        key = {"model": fingerprint(model), "source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len,
-               "dtype": cfg.dtype, "metric": "ppl/1"}
+        key = {
+            "model": fingerprint(model),
+            "source": cfg.eval_data,
+            "tokens": heldout.numel(),
+            "seq_len": seq_len,
+            "dtype": cfg.dtype,
+            "metric": "ppl/1",
+        }
         dense_ppl = _dense_ppl_cached(
-            key, lambda: perplexity(model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device,
-                                    desc="dense perplexity"))
+            key,
+            lambda: perplexity(
+                model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device, desc="dense perplexity"
+            ),
+        )
         ppl = {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len, "dense": dense_ppl}
         t = clock.add("eval", t)
 
     inputs = capture(model, spec, list(calib.split(cfg.batch_size)), cfg.device, cfg.offload, workdir)
     t = clock.add("calibration", t)
     try:
-        opt = SolverOptions(saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver,
-                            damp=cfg.damp)
+        opt = SolverOptions(
+            saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
+        )
         plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
     finally:
         inputs.close()
@@ -210,8 +252,9 @@ def _run(
     t = clock.add("export", t)
 
     if ppl is not None and heldout is not None:
-        ppl["pruned"] = perplexity(model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device,
-                                   desc="pruned perplexity")
+        ppl["pruned"] = perplexity(
+            model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device, desc="pruned perplexity"
+        )
         t = clock.add("eval", t)
 
     clock.spans.update({"supernet": 0.0, "search": 0.0})
@@ -219,17 +262,26 @@ def _run(
     data: dict[str, Any] = {
         "schema": SCHEMA,
         "tyr_version": __version__,
-        "model": loaded.name,
+        "model": opened.name,
         "method": cfg.method,
         "sparsity_target": cfg.sparsity,
         "sparsity_achieved": round(1 - pruned_block / dense_block, 6),
-        "params": {"dense_block": dense_block, "pruned_block": pruned_block,
-                   "dense_total": dense_total, "pruned_total": pruned_total},
+        "params": {
+            "dense_block": dense_block,
+            "pruned_block": pruned_block,
+            "dense_total": dense_total,
+            "pruned_total": pruned_total,
+        },
         "layers": _layer_rows(plans_metadata(plans, shape), shape),
         "ppl": ppl,
         "timings": clock.spans,
-        "config": {**cfg.to_dict(), "seq_len": seq_len, "calib_tokens": int(calib.numel()),
-                   "eval_tokens": int(heldout.numel()) if heldout is not None else 0, "preset_resolved": preset},
+        "config": {
+            **cfg.to_dict(),
+            "seq_len": seq_len,
+            "calib_tokens": int(calib.numel()),
+            "eval_tokens": int(heldout.numel()) if heldout is not None else 0,
+            "preset_resolved": preset,
+        },
         "config_identity": identity,
         "seed": cfg.seed,
         "machine": {"cpus": os.cpu_count() or 1, "device": _device_name(cfg.device)},
@@ -243,4 +295,3 @@ def _device_name(device: str) -> str:
     if device == "cuda":
         return f"cuda ({torch.cuda.get_device_name(0)})"
     return f"cpu ({torch.get_num_threads()} threads)"
-

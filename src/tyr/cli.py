@@ -24,13 +24,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _prune_parser(sub: Any) -> None:
     p = sub.add_parser("prune", help="prune a model", argument_default=argparse.SUPPRESS)
-    p.add_argument("model", nargs="?", help="hub id, HF directory or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument(
+        "model", nargs="?", help="hub id, HF directory or .gguf file (default: embedded SmolLM2-135M)"
+    )
     p.add_argument("--sparsity", type=float, help="fraction of decoder-block parameters to remove, in (0, 1)")
     p.add_argument("--out", help="output directory (written atomically)")
     p.add_argument("--method", help="layer-wise allocation: uniform")
     p.add_argument("--preset", choices=PRESET_NAMES, help="data sizes (auto: quick under 1B on CPU)")
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of options")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one option")
+    p.add_argument(
+        "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one option"
+    )
     p.add_argument("--calib", help="wiki (default), a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens")
     p.add_argument("--seq-len", type=int, help="sequence length")
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         if ns.command == "prune":
             return _prune(ns)
         raise AssertionError(ns.command)

@@ -41,14 +41,18 @@ class PruneConfig:
     calib: str = field(default="wiki", metadata=_meta("calibration source"))
     calib_tokens: int | None = field(default=None, metadata=_meta("calibration tokens"))
     seq_len: int | None = field(default=None, metadata=_meta("sequence length for calibration and eval"))
-    calib_sample: str = field(default="first", metadata=_meta("first tokens or seeded windows", ("first", "random")))
+    calib_sample: str = field(
+        default="first", metadata=_meta("first tokens or seeded windows", ("first", "random"))
+    )
     eval_data: str = field(default="wiki:heldout", metadata=_meta("held-out perplexity source"))
     eval_tokens: int | None = field(default=None, metadata=_meta("held-out perplexity tokens"))
     no_eval: bool = field(default=False, metadata=_meta("skip perplexity"))
     saliency: str = field(default="obs_block", metadata=_meta("group saliency", ("obs_block", "paper")))
     schedule: str = field(default="rounds", metadata=_meta("FFN removal schedule", ("rounds", "per_step")))
     gqa: str = field(default="free", metadata=_meta("GQA head structure", ("free", "uniform")))
-    solver: str = field(default="obs", metadata=_meta("obs = Hessian pruner; magnitude = baseline", ("obs", "magnitude")))
+    solver: str = field(
+        default="obs", metadata=_meta("obs = Hessian pruner; magnitude = baseline", ("obs", "magnitude"))
+    )
     damp: float = field(default=0.01, metadata=_meta("Hessian damping relative to mean(diag H)"))
     batch_size: int | None = field(default=None, metadata=_meta("sequences per forward"))
     offload: str = field(default="cpu", metadata=_meta("where block activations live", ("cpu", "disk")))
@@ -60,7 +64,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.sparsity) < 1.0:
-            raise UserError(f"sparsity {self.sparsity} is outside (0, 1)", "give a fraction such as 0.25 or 0.5")
+            raise UserError(
+                f"sparsity {self.sparsity} is outside (0, 1)", "give a fraction such as 0.25 or 0.5"
+            )
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -148,5 +154,5 @@ def resolve_preset(cfg: PruneConfig, n_params: int) -> tuple[PruneConfig, str]:
     if name == "auto":
         name = "quick" if n_params < 1_000_000_000 and cfg.device == "cpu" else "paper"
     sizes = PRESETS[name]
-    updates = {k: v for k, v in sizes.items() if getattr(cfg, k) is None}
+    updates: dict[str, Any] = {k: v for k, v in sizes.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **updates), name

@@ -47,7 +47,9 @@ def _records_text(records: list[dict[str, Any]], where: str) -> str:
     for field in _TEXT_FIELDS:
         if records and field in records[0]:
             return "\n\n".join(str(r[field]) for r in records if r.get(field))
-    raise UserError(f"{where} has no text column", f"give records with one of the fields {', '.join(_TEXT_FIELDS)}")
+    raise UserError(
+        f"{where} has no text column", f"give records with one of the fields {', '.join(_TEXT_FIELDS)}"
+    )
 
 
 def _file_text(path: Path) -> str:
@@ -79,7 +81,9 @@ def _hf_text(spec: str) -> str:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types for one failure
-        raise UserError(f"cannot load hf:{spec} ({type(exc).__name__})", "check the name and the network") from exc
+        raise UserError(
+            f"cannot load hf:{spec} ({type(exc).__name__})", "check the name and the network"
+        ) from exc
     return _records_text(list(ds), f"hf:{spec}")
 
 
@@ -117,7 +121,9 @@ def token_batches(ids: Tensor, n_tokens: int, seq_len: int, *, seed: int | None 
     windows are drawn from the whole stream with that seed.
     """
     if seq_len <= 0 or n_tokens < seq_len:
-        raise UserError(f"need at least one sequence of {seq_len} tokens, asked for {n_tokens}", "raise the tokens")
+        raise UserError(
+            f"need at least one sequence of {seq_len} tokens, asked for {n_tokens}", "raise the tokens"
+        )
     n_seq = n_tokens // seq_len
     available = ids.numel() // seq_len
     if available < n_seq:

@@ -20,11 +20,14 @@ FORMAT = "tyr.pruned/1"
 WEIGHTS = "model.safetensors"
 
 
-def save_pruned(model: nn.Module, tokenizer: Any, plans: list[LayerPlan | None], shape: arch.Shape, dest: Path) -> None:
+def save_pruned(
+    model: nn.Module, tokenizer: Any, plans: list[LayerPlan | None], shape: arch.Shape, dest: Path
+) -> None:
     """Write the physically smaller model's tensors, its config with per-layer widths and the tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
     save_model(model, str(dest / WEIGHTS))
-    config = model.config.to_dict()
+    hf_config: Any = model.config
+    config = hf_config.to_dict()
     config["tyr"] = {"format": FORMAT, "layers": plans_metadata(plans, shape)}
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:

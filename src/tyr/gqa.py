@@ -111,7 +111,9 @@ def _free(problem: Problem, shape: Shape, target: int, saliency: str, magnitude:
     return solution_for_kept(problem, kept, shape.head_dim, refit_weights=not magnitude)
 
 
-def _solve_structure(problem: Problem, shape: Shape, a: int, b: int, saliency: str, magnitude: bool) -> Solution:
+def _solve_structure(
+    problem: Problem, shape: Shape, a: int, b: int, saliency: str, magnitude: bool
+) -> Solution:
     """Keep a whole KV groups of b query heads each (§3.4)."""
     n_kv, g, dh = shape.n_kv, shape.group, shape.head_dim
     if a == 0:
@@ -119,7 +121,9 @@ def _solve_structure(problem: Problem, shape: Shape, a: int, b: int, saliency: s
     if magnitude:
         head_norm = problem.W.reshape(shape.n_q, -1).norm(dim=1).view(n_kv, g)
         kv_keep = torch.argsort(head_norm.sum(dim=1), descending=True, stable=True)[:a]
-        kept = [int(kv) * g + int(j) for kv in kv_keep for j in torch.argsort(head_norm[kv], descending=True)[:b]]
+        kept = [
+            int(kv) * g + int(j) for kv in kv_keep for j in torch.argsort(head_norm[kv], descending=True)[:b]
+        ]
         return solution_for_kept(problem, torch.tensor(kept), dh, refit_weights=False)
     state = OBSState.start(problem)
     kv_groups = group_rows(n_kv, g * dh, problem.W.device)

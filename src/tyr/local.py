@@ -216,9 +216,9 @@ def refit(problem: Problem, kept_rows: Tensor) -> Tensor:
         W_hat[kept_rows] = torch.cholesky_solve(problem.G[kept_rows], L)
     except FloatingPointError:
         log.warning("refit fell back to lstsq")
-        W_hat[kept_rows] = torch.linalg.lstsq(Hkk.double().cpu(), problem.G[kept_rows].double().cpu()).solution.to(
-            W_hat
-        )
+        W_hat[kept_rows] = torch.linalg.lstsq(
+            Hkk.double().cpu(), problem.G[kept_rows].double().cpu()
+        ).solution.to(W_hat)
     return W_hat
 
 

@@ -9,6 +9,7 @@ smaller Linears.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ class LayerPlan:
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin = nn.Linear(1, 1, bias=bias is not None, device="meta")  # shapes set below; no init
+    lin.in_features, lin.out_features = weight.shape[1], weight.shape[0]
     lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -73,7 +75,7 @@ class TyrAttention(nn.Module):
         self.scaling = head_dim**-0.5
         self.is_causal = True
 
-    def _part(self, i: int) -> nn.Module | None:
+    def _part(self, i: int) -> Any:
         name = self._names[i]
         return getattr(self, name) if name is not None else None
 
@@ -89,7 +91,8 @@ class TyrAttention(nn.Module):
         q_lin, k_lin, v_lin, o_lin, q_norm, k_norm = (self._part(i) for i in range(6))
         assert q_lin is not None and k_lin is not None and v_lin is not None and o_lin is not None
         B, T, _ = hidden_states.shape
-        if self.q_to_kv.numel() == 0:  # the whole attention sub-layer was removed
+        q_to_kv: Tensor = self.get_buffer("q_to_kv")
+        if q_to_kv.numel() == 0:  # the whole attention sub-layer was removed
             out = hidden_states.new_zeros(B, T, o_lin.out_features)
             return (out + o_lin.bias if o_lin.bias is not None else out), None
         q = q_lin(hidden_states).view(B, T, -1, self.head_dim)
@@ -105,8 +108,8 @@ class TyrAttention(nn.Module):
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        k = k.index_select(1, self.q_to_kv)  # [B, q, S, d_h]
-        v = v.index_select(1, self.q_to_kv)
+        k = k.index_select(1, q_to_kv)  # [B, q, S, d_h]
+        v = v.index_select(1, q_to_kv)
         if attention_mask is not None:
             mask = attention_mask[:, :, :, : k.shape[-2]]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
@@ -127,12 +130,25 @@ def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec,
             continue
         a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
         (qw, qb), (kw, kb), (vw, vb), ow = slice_attention(
-            _pair(a.q), _pair(a.k), _pair(a.v), plan.o_weight.to(a.o.weight), plan.heads.kept_q,
-            plan.heads.kept_kv, shape.head_dim,
+            _pair(a.q),
+            _pair(a.k),
+            _pair(a.v),
+            plan.o_weight.to(a.o.weight),
+            plan.heads.kept_q,
+            plan.heads.kept_kv,
+            shape.head_dim,
         )
         new_attn = TyrAttention(
-            _linear(qw, qb), _linear(kw, kb), _linear(vw, vb), _linear(ow, a.o.bias),
-            plan.heads.q_to_kv, shape.head_dim, idx, a.q_norm, a.k_norm, spec,
+            _linear(qw, qb),
+            _linear(kw, kb),
+            _linear(vw, vb),
+            _linear(ow, a.o.bias),
+            plan.heads.q_to_kv,
+            shape.head_dim,
+            idx,
+            a.q_norm,
+            a.k_norm,
+            spec,
         )
         setattr(layer, spec.attn, new_attn)
         (gw, gb), (uw, ub), dw = slice_mlp(

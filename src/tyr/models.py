@@ -17,7 +17,16 @@ from torch import nn
 from tyr import arch, assets
 from tyr.errors import UserError
 
-__all__ = ["DEFAULT_MODEL", "Loaded", "load_model", "gguf_to_hf", "fingerprint"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "Loaded",
+    "Opened",
+    "open_model",
+    "load_weights",
+    "load_model",
+    "gguf_to_hf",
+    "fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +95,68 @@ def resolve(name: str | None) -> Path | str:
         return gguf_to_hf(path, assets.tyr_home() / "models" / f"gguf-{path.stem}-{digest}")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{name} has no config.json", "point at a Hugging Face model directory or a .gguf file")
+            raise UserError(
+                f"{name} has no config.json", "point at a Hugging Face model directory or a .gguf file"
+            )
         return path
     if path.exists() or _looks_like_path(name):
-        raise UserError(f"model path {name} does not exist", "check the path, or give a hub id such as org/name")
+        raise UserError(
+            f"model path {name} does not exist", "check the path, or give a hub id such as org/name"
+        )
     return name
 
 
-def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a supported causal LM and its tokenizer on the CPU, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class Opened:
+    """A model located and checked (config, family, tokenizer) before its weights are read."""
+
+    where: Path | str
+    config: Any
+    spec: arch.ArchSpec
+    tokenizer: Any
+    name: str
+
+    def param_count(self) -> int:
+        """Parameters of the model, counted on a weightless (meta-device) instance."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return arch.count_total_params(AutoModelForCausalLM.from_config(self.config))
+
+
+def open_model(name: str | None) -> Opened:
+    """Locate a model and check that tyr supports it, without reading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
 
     where = resolve(name)
     try:
         config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}", "check the id or path") from exc
+        raise UserError(
+            f"cannot load model {name!r}: {str(exc).splitlines()[0]}", "check the id or path"
+        ) from exc
     spec = arch.spec_for_config(config)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    return Loaded(model, tokenizer, name or DEFAULT_MODEL, spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot load the tokenizer of {name!r}", "the model directory needs tokenizer files"
+        ) from exc
+    return Opened(where, config, spec, tokenizer, name or DEFAULT_MODEL)
+
+
+def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model on the CPU in eval mode, with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(opened.where, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a supported causal LM and its tokenizer on the CPU, in eval mode."""
+    opened = open_model(name)
+    return Loaded(load_weights(opened, dtype), opened.tokenizer, opened.name, opened.spec)
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -16,7 +16,9 @@ from tyr.stream import capture, run_blocks
 __all__ = ["nll_sum", "perplexity"]
 
 
-def nll_sum(hidden: Tensor, ids: Tensor, norm: nn.Module, head: nn.Module, chunk: int = 256) -> tuple[float, int]:
+def nll_sum(
+    hidden: Tensor, ids: Tensor, norm: nn.Module, head: nn.Module, chunk: int = 256
+) -> tuple[float, int]:
     """Σ next-token NLL over a batch [b, T] from final hidden states, logits upcast to fp32 in
     position chunks so [T, V] fp32 never exists at once (ALGORITHM.md §11.2)."""
     total, count = 0.0, 0
@@ -24,7 +26,9 @@ def nll_sum(hidden: Tensor, ids: Tensor, norm: nn.Module, head: nn.Module, chunk
     targets = ids[:, 1:].to(h.device)
     for s in range(0, h.shape[1], chunk):
         logits = head(h[:, s : s + chunk]).float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), targets[:, s : s + chunk].flatten(), reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), targets[:, s : s + chunk].flatten(), reduction="sum")
+        )
         count += targets[:, s : s + chunk].numel()
     return total, count
 

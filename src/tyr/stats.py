@@ -16,7 +16,9 @@ __all__ = ["Gram", "gram_of"]
 class Gram:
     """Running H = Σ xᵀx over all tokens, accumulated from upcast inputs with TF32 off."""
 
-    def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> None:
         self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.tokens = 0
         self.inputs: list[Tensor] = []  # kept only when asked (keep_inputs)

@@ -20,7 +20,16 @@ from torch import Tensor, nn
 from tyr import arch
 from tyr.arch import ArchSpec
 
-__all__ = ["ActivationStore", "BlockInputs", "capture", "forward_block", "run_blocks", "StopForward", "to_device", "on_device"]
+__all__ = [
+    "ActivationStore",
+    "BlockInputs",
+    "capture",
+    "forward_block",
+    "run_blocks",
+    "StopForward",
+    "to_device",
+    "on_device",
+]
 
 
 class StopForward(Exception):

@@ -4,6 +4,7 @@ pruned blocks < b. The paper's local-pruning baseline (ALGORITHM.md §10.2, Tabl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from tyr import arch
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout, prune_attention, round_half_up, spread
-from tyr.local import Solution, make_problem, magnitude_order, solution_for_kept, solve
+from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept, solve
 from tyr.modeling import LayerPlan
 from tyr.stats import Gram, gram_of
 from tyr.stream import BlockInputs, StopForward, forward_block, on_device, to_device
@@ -64,10 +65,8 @@ def _attn_gram(layer: nn.Module, o: nn.Linear, inputs: BlockInputs, device: str)
     gram = Gram(o.in_features, device=device)
     with gram_of(o, gram, stop=True):
         for i in range(len(inputs)):
-            try:
+            with contextlib.suppress(StopForward):
                 forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
-            except StopForward:
-                pass
     return gram
 
 
@@ -96,8 +95,12 @@ def prune_uniform(
             target = round(attn_left / (len(blocks) - b))
             H_A = _attn_gram(layer, a.o, inputs, device).H
             sol_a = prune_attention(
-                make_problem(a.o.weight.T, H_A, damp=opt.damp), shape, target,
-                mode=opt.gqa, saliency=opt.saliency, magnitude=opt.solver == "magnitude",
+                make_problem(a.o.weight.T, H_A, damp=opt.damp),
+                shape,
+                target,
+                mode=opt.gqa,
+                saliency=opt.saliency,
+                magnitude=opt.solver == "magnitude",
             )
             heads = layout(sol_a.kept.tolist(), shape.n_q, shape.n_kv)
             attn_left -= shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(
@@ -111,7 +114,9 @@ def prune_uniform(
             outs = []
             with gram_of(m.down, gram_f, keep_inputs=keep):
                 for i in range(len(inputs)):
-                    outs.append(forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)))
+                    outs.append(
+                        forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+                    )
             sol_f = _solve_mlp(m.down.weight.T, gram_f.H, alloc.mlp_neurons[b], opt)
             new_down = sol_f.weight.T.to(m.down.weight)
             delta = new_down - m.down.weight
@@ -121,7 +126,9 @@ def prune_uniform(
                     z = gram_f.inputs[i].to(device)
                     inputs.hidden[i] = outs[i] + z @ delta.T
                 else:
-                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+                    inputs.hidden[i] = forward_block(
+                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
+                    )
         plans.append(
             LayerPlan(
                 heads=heads,
@@ -130,8 +137,16 @@ def prune_uniform(
                 down_weight=m.down.weight.detach().to("cpu").clone(),
             )
         )
-        log.debug("block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f", b, len(heads.kept_q),
-                  shape.n_q, len(heads.kept_kv), len(sol_f.kept), sol_a.eps, sol_f.eps)
+        log.debug(
+            "block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f",
+            b,
+            len(heads.kept_q),
+            shape.n_q,
+            len(heads.kept_kv),
+            len(sol_f.kept),
+            sol_a.eps,
+            sol_f.eps,
+        )
         bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
         bar.update()
     bar.close()

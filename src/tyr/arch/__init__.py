@@ -184,13 +184,15 @@ def attention_parts(layer: nn.Module, spec: ArchSpec) -> AttentionParts:
 
 def mlp_parts(layer: nn.Module, spec: ArchSpec) -> MLPParts:
     mlp = getattr(layer, spec.mlp)
-    return MLPParts(module=mlp, gate=getattr(mlp, spec.gate), up=getattr(mlp, spec.up), down=getattr(mlp, spec.down))
+    return MLPParts(
+        module=mlp, gate=getattr(mlp, spec.gate), up=getattr(mlp, spec.up), down=getattr(mlp, spec.down)
+    )
 
 
 def shape_of(model: nn.Module, spec: ArchSpec | None = None) -> Shape:
     """Dimensions of the dense model, read from its first block's tensors and its config."""
     spec = spec or spec_for(model)
-    cfg = model.config
+    cfg: Any = model.config
     first = layers(model, spec)[0]
     a, m = attention_parts(first, spec), mlp_parts(first, spec)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -1,0 +1,164 @@
+"""The command line and the Python API end to end on a tiny local model, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tyr
+from tyr import arch
+from tyr.cli import main
+from tyr.config import PruneConfig, load_config_file, parse_set
+from tyr.errors import UserError
+
+FAST = ["--calib-tokens", "512", "--seq-len", "32", "--eval-tokens", "256"]
+
+
+def _args(tiny_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "prune",
+        str(tiny_dir),
+        "--sparsity",
+        "0.4",
+        "--out",
+        str(out),
+        "--calib",
+        str(calib),
+        *FAST,
+        *extra,
+    ]
+
+
+def test_prune_end_to_end(tiny_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform")) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["schema"] == "tyr.result/1" and res["method"] == "uniform"
+    assert abs(res["sparsity_achieved"] - 0.4) < 0.05
+    assert res["params"]["pruned_block"] < res["params"]["dense_block"]
+    assert res["ppl"]["tokens"] == 256 and res["ppl"]["seq_len"] == 32
+    assert res["ppl"]["dense"] > 1 and res["ppl"]["pruned"] > 1
+    assert len(res["layers"]) == 3 and {"q_heads", "kv_heads", "q_to_kv", "intermediate"} <= set(
+        res["layers"][0]
+    )
+    assert set(res["timings"]) >= {"load", "calibration", "supernet", "search", "export", "eval", "total"}
+    model = tyr.load(out)
+    assert arch.count_block_params(model) == res["params"]["pruned_block"]
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    # The same command again finds the finished result and does nothing.
+    stamp = (out / "result.json").stat().st_mtime_ns
+    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform")) == 0
+    assert (out / "result.json").stat().st_mtime_ns == stamp
+    # A different configuration into the same directory needs --overwrite.
+    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3")) == 2
+    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3", "--overwrite")) == 0
+
+
+def test_python_api(tiny_dir, calib_txt, tmp_path):
+    r = tyr.prune(
+        str(tiny_dir),
+        sparsity=0.3,
+        out=tmp_path / "api",
+        calib=str(calib_txt),
+        calib_tokens=256,
+        seq_len=32,
+        no_eval=True,
+    )
+    assert r.ppl is None and abs(r.sparsity_achieved - 0.3) < 0.06
+    with pytest.raises(UserError, match="unknown key"):
+        tyr.prune(str(tiny_dir), sparsity=0.3, out=tmp_path / "x", not_an_option=1)
+
+
+def _bad(capsys, argv: list[str], needle: str, out: Path | None = None) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tyr: error:") and needle in err, err
+    assert "Traceback" not in err
+    if out is not None:
+        assert not (out / "result.json").exists()
+
+
+def test_bad_input_gives_one_line_and_exit_2(tiny_dir, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(
+        capsys,
+        ["prune", str(tmp_path / "nope"), "--sparsity", "0.5", "--out", str(out)],
+        "does not exist",
+        out,
+    )
+    _bad(
+        capsys,
+        ["prune", str(tmp_path / "nope.gguf"), "--sparsity", "0.5", "--out", str(out)],
+        "does not exist",
+    )
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    _bad(capsys, ["prune", str(gpt2), "--sparsity", "0.5", "--out", str(out)], "llama", out)
+    for s in ("0", "1", "1.5", "-0.1"):
+        _bad(capsys, ["prune", str(tiny_dir), "--sparsity", s, "--out", str(out)], "outside (0, 1)", out)
+    _bad(
+        capsys,
+        _args(tiny_dir, calib_txt, out)[:-6] + ["--calib-tokens", "100000", "--seq-len", "32"],
+        "fewer than",
+        out,
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _bad(capsys, _args(tiny_dir, calib_txt, blocker / "sub"), "cannot write --out", blocker / "sub")
+    _bad(capsys, _args(tiny_dir, calib_txt, out, "--set", "nope=1"), "unknown key", out)
+    _bad(capsys, _args(tiny_dir, calib_txt, out, "--gqa", "sideways"), "not valid", out)
+    _bad(capsys, ["prune", "--sparsity", "0.5"], "--out")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unwritable_out(tiny_dir, calib_txt, tmp_path, capsys):
+    """A directory the process may not write into (root may write anywhere but /sys)."""
+    if os.geteuid() == 0:
+        target = Path("/sys/tyr-test-out")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "out"
+    _bad(capsys, _args(tiny_dir, calib_txt, target), "cannot write --out")
+
+
+def test_config_file_and_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("damp: 0.02\nno-eval: true\ncalib_tokens: 128\n")
+    assert load_config_file(str(f)) == {"damp": 0.02, "no_eval": True, "calib_tokens": 128}
+    assert parse_set(["seed=4", "seq-len=64", "workdir=none"]) == {"seed": 4, "seq_len": 64, "workdir": None}
+    with pytest.raises(UserError):
+        parse_set(["seed"])
+    with pytest.raises(UserError):
+        parse_set(["no_eval=maybe"])
+    a = PruneConfig(sparsity=0.5, out="a")
+    assert a.identity() == PruneConfig(sparsity=0.5, out="b", overwrite=True).identity()
+    assert a.identity() != PruneConfig(sparsity=0.5, out="a", seed=1).identity()
+
+
+def test_module_entry_point_version():
+    proc = subprocess.run([sys.executable, "-m", "tyr", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("tyr ")
+
+
+def test_dtype_bfloat16_runs(tiny_dir, calib_txt, tmp_path):
+    r = tyr.prune(
+        str(tiny_dir),
+        sparsity=0.5,
+        out=tmp_path / "bf",
+        calib=str(calib_txt),
+        calib_tokens=256,
+        seq_len=32,
+        eval_tokens=128,
+        dtype="bfloat16",
+    )
+    assert r.ppl is not None and torch.isfinite(torch.tensor(r.ppl["pruned"]))

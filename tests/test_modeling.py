@@ -1,0 +1,103 @@
+"""Surgery and the heterogeneous-width model: the sliced model equals the masked full-size one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, VOCAB, tiny_model
+
+from tyr import arch
+from tyr.export import load, save_pruned
+from tyr.gqa import layout
+from tyr.modeling import LayerPlan, apply_plans, mask_plans
+from tyr.stream import capture
+from tyr.surgery import slice_attention, take_cols, take_rows, unit_index
+from tyr.uniform import SolverOptions, prune_uniform
+
+
+def test_unit_index_and_paired_slices():
+    assert unit_index([0, 2], 3).tolist() == [0, 1, 2, 6, 7, 8]
+    W, b = torch.arange(12.0).view(4, 3), torch.arange(4.0)
+    w2, b2 = take_rows(W, b, torch.tensor([1, 3]))
+    assert w2.tolist() == [[3, 4, 5], [9, 10, 11]] and b2 is not None and b2.tolist() == [1, 3]
+    assert take_cols(W, torch.tensor([2])).tolist() == [[2], [5], [8], [11]]
+    q = (torch.randn(6 * 2, 5), None)
+    kv = (torch.randn(2 * 2, 5), torch.randn(4))
+    (qw, _), (kw, kb), _, ow = slice_attention(q, kv, kv, torch.randn(5, 12), [4, 5], [1], 2)
+    assert (
+        qw.shape == (4, 5)
+        and kw.shape == (2, 5)
+        and kb is not None
+        and kb.shape == (2,)
+        and ow.shape == (5, 4)
+    )
+    assert torch.equal(kw, kv[0][2:4])
+
+
+def _calib(seed: int = 0, n: int = 6, T: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _pruned_pair(family: str, gqa: str, sparsity: float = 0.5):
+    model = tiny_model(family)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    inputs = capture(model, spec, list(_calib().split(3)))
+    plans = prune_uniform(model, spec, shape, inputs, sparsity, SolverOptions(gqa=gqa))
+    inputs.close()
+    masked = model  # prune_uniform leaves the masked full-size model behind
+    sliced = apply_plans(copy.deepcopy(masked), plans, spec, shape)
+    return masked, sliced, plans, shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gqa", ["free", "uniform"])
+def test_sliced_logits_equal_masked_logits(family, gqa):
+    masked, sliced, plans, shape = _pruned_pair(family, gqa)
+    ids = _calib(seed=1, n=2, T=17)
+    with torch.inference_mode():
+        ref, got = masked(ids).logits, sliced(ids).logits
+    assert (ref - got).abs().max() <= 1e-4
+    assert arch.count_block_params(sliced) < 0.6 * arch.count_block_params(tiny_model(family))
+    if gqa == "uniform":
+        for p in plans:
+            assert p is not None
+            sizes = {p.heads.q_to_kv.count(i) for i in range(len(p.heads.kept_kv))}
+            assert len(sizes) <= 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_removed_sublayers_and_uneven_groups(family):
+    """s = 1 attention (no heads: attention is skipped) and FFN (no neurons), uneven q_to_kv."""
+    model = tiny_model(family)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    d, dq = shape.hidden, shape.n_q * shape.head_dim
+    g = torch.Generator().manual_seed(3)
+
+    def plan(kept_q, kept_neurons):
+        o = torch.randn(d, dq, generator=g) * 0.2
+        o[:, ~torch.isin(torch.arange(dq), unit_index(kept_q, shape.head_dim))] = 0
+        down = torch.randn(d, shape.intermediate, generator=g) * 0.2
+        down[
+            :, ~torch.isin(torch.arange(shape.intermediate), torch.tensor(kept_neurons, dtype=torch.long))
+        ] = 0
+        return LayerPlan(layout(kept_q, shape.n_q, shape.n_kv), tuple(kept_neurons), o, down)
+
+    plans = [plan([], []), plan([0, 1, 2, 5], [0, 3, 36]), plan([4], list(range(37)))]
+    masked = mask_plans(copy.deepcopy(model), plans, spec)
+    sliced = apply_plans(copy.deepcopy(model), plans, spec, shape)
+    assert plans[1].heads.q_to_kv == (0, 0, 0, 1)
+    ids = _calib(seed=2, n=2, T=9)
+    with torch.inference_mode():
+        assert (masked(ids).logits - sliced(ids).logits).abs().max() <= 1e-4
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    _, sliced, plans, shape = _pruned_pair("qwen3", "free")
+    save_pruned(sliced, None, plans, shape, tmp_path / "out")
+    again = load(tmp_path / "out")
+    ids = _calib(seed=4, n=2, T=11)
+    with torch.inference_mode():
+        assert torch.equal(sliced(ids).logits, again(ids).logits)
+    assert arch.count_block_params(again) == arch.count_block_params(sliced)

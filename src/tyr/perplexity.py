@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from tyr import arch
 from tyr.arch import ArchSpec
-from tyr.stream import capture, run_blocks
+from tyr.stream import capture, on_device, run_blocks
 
 __all__ = ["nll_sum", "perplexity"]
 
@@ -47,14 +47,14 @@ def perplexity(
     batches = list(windows.split(batch_size))
     inputs = capture(model, spec, batches, device)
     bar = tqdm(total=len(arch.layers(model, spec)), desc=desc, unit="block", leave=False)
+    norm, head = arch.get_module(model, spec.final_norm), arch.get_module(model, spec.lm_head)
     try:
         run_blocks(model, spec, inputs, device, on_block=lambda _: bar.update())
-        norm = arch.get_module(model, spec.final_norm).to(device)
-        head = arch.get_module(model, spec.lm_head).to(device)
         total, count = 0.0, 0
-        for i, ids in enumerate(batches):
-            t, c = nll_sum(inputs.hidden[i].to(device), ids, norm, head)
-            total, count = total + t, count + c
+        with on_device(norm, device), on_device(head, device):
+            for i, ids in enumerate(batches):
+                t, c = nll_sum(inputs.hidden[i].to(device), ids, norm, head)
+                total, count = total + t, count + c
     finally:
         bar.close()
         inputs.close()

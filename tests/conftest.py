@@ -37,6 +37,8 @@ def tiny_config(
     )
     if family == "llama":
         return LlamaConfig(**common, attention_bias=False)
+    if family == "llama-bias":  # biases on every projection, o_proj and down_proj included
+        return LlamaConfig(**common, attention_bias=True, mlp_bias=True)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None)
     if family == "qwen2":  # q/k/v biases

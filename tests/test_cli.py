@@ -135,6 +135,17 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, calib_txt, tmp_path, caps
     _bad(capsys, _args(tiny_dir, calib_txt, out, "--set", "nope=1"), "unknown key", out)
     _bad(capsys, _args(tiny_dir, calib_txt, out, "--gqa", "sideways"), "not valid", out)
     _bad(capsys, ["prune", "--sparsity", "0.5"], "--out")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("damp: [0.1\n")
+    _bad(capsys, _args(tiny_dir, calib_txt, out, "--config", str(broken)), "cannot parse", out)
+    broken.write_text("1: x\n")
+    _bad(capsys, _args(tiny_dir, calib_txt, out, "--config", str(broken)), "not a mapping", out)
+    broken.write_bytes(b"\xff\xfe damp: 1")
+    _bad(capsys, _args(tiny_dir, calib_txt, out, "--config", str(broken)), "cannot parse", out)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "result.json").write_text("{truncated")
+    _bad(capsys, _args(tiny_dir, calib_txt, junk), "--overwrite")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -83,6 +83,20 @@ def test_obs_block_term_is_the_exact_objective_increase_of_one_group():
         assert float(s[gi] - first[gi]) == pytest.approx(float(exact), rel=1e-8)
 
 
+def test_paper_saliency_formula():
+    """σ_p = |⟨G_p, W_p⟩| + ‖W_p‖²/(2[H⁻¹]_pp), a group's score the mean of its rows (Eq. 4)."""
+    X, W, H = problem_data(d_in=12)
+    p = make_problem(W, H)
+    state = OBSState.start(p)
+    groups = group_rows(4, 3)
+    Hinv = torch.linalg.inv(p.Hd)
+    rows = [abs(float(p.G[i] @ p.W[i])) + float(p.W[i] @ p.W[i]) / (2 * float(Hinv[i, i])) for i in range(12)]
+    expect = torch.tensor(rows, dtype=torch.float64).view(4, 3).mean(dim=1)
+    assert torch.allclose(scores(state, p.G, groups, "paper"), expect, rtol=1e-9)
+    obs_remove(state, groups[1])
+    assert scores(state, p.G, groups, "paper")[1] == float("inf")
+
+
 @pytest.mark.parametrize("saliency", ["obs_block", "paper"])
 def test_pruner_beats_magnitude_removal(saliency):
     for seed in range(3):
@@ -123,8 +137,9 @@ def test_edge_cases_r0_rn_and_dead_channels():
     two = solve(W, H, 1, 2, schedule="per_step", per_step=1)
     assert sorted(set(range(12)) - set(two.kept.tolist())) == [3, 7]  # dead channels go first
     X0 = torch.zeros(5, 6, dtype=torch.float64)
-    all_dead = solve(torch.randn(6, 3, dtype=torch.float64), X0.T @ X0, 1, 2)
-    assert all_dead.weight.abs().max() == 0
+    for r in (0, 2):  # all channels dead: every level behaves as r = n
+        all_dead = solve(torch.randn(6, 3, dtype=torch.float64), X0.T @ X0, 1, r)
+        assert all_dead.weight.abs().max() == 0 and len(all_dead.kept) == 0
 
 
 def test_rank_deficient_hessian_still_solves():

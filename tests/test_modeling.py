@@ -51,7 +51,7 @@ def _pruned_pair(family: str, gqa: str, sparsity: float = 0.5):
     return masked, sliced, plans, shape
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llama-bias"])
 @pytest.mark.parametrize("gqa", ["free", "uniform"])
 def test_sliced_logits_equal_masked_logits(family, gqa):
     masked, sliced, plans, shape = _pruned_pair(family, gqa)
@@ -91,6 +91,28 @@ def test_removed_sublayers_and_uneven_groups(family):
     ids = _calib(seed=2, n=2, T=9)
     with torch.inference_mode():
         assert (masked(ids).logits - sliced(ids).logits).abs().max() <= 1e-4
+
+
+def test_cached_decoding_matches_the_full_forward():
+    """A layer with no heads still advances the KV cache (positions of later layers stay right)."""
+    model = tiny_model("llama")
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    plans = [
+        LayerPlan(
+            layout([], 6, 2), tuple(range(37)), torch.zeros(42, 60), arch.mlp_parts(layer, spec).down.weight
+        )
+        if i == 0
+        else None
+        for i, layer in enumerate(arch.layers(model, spec))
+    ]
+    sliced = apply_plans(model, plans, spec, shape)
+    ids = _calib(seed=5, n=1, T=12)
+    with torch.inference_mode():
+        full = sliced(ids).logits[0, -1]
+        first = sliced(ids[:, :-1], use_cache=True)
+        assert first.cache is not None and first.cache.get_seq_length() == 11
+        step = sliced(ids[:, -1:], cache=first.cache, use_cache=True).logits[0, -1]
+    assert torch.allclose(full, step, atol=1e-4)
 
 
 def test_save_and_load_roundtrip(tmp_path):

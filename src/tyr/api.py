@@ -18,7 +18,7 @@ from tyr import __version__, arch, assets
 from tyr.config import PRESETS, PruneConfig, check_keys, resolve_preset
 from tyr.data import load_text, token_batches, tokenize
 from tyr.errors import UserError
-from tyr.export import save_pruned
+from tyr.export import save_pruned, verify_export
 from tyr.modeling import apply_plans, plans_metadata
 from tyr.models import fingerprint, load_weights, open_model
 from tyr.perplexity import perplexity
@@ -51,7 +51,8 @@ class Result:
 class _Clock:
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.spans: dict[str, float] = {}
+        keys = ("load", "calibration", "prune", "supernet", "search", "export", "eval")
+        self.spans: dict[str, float] = dict.fromkeys(keys, 0.0)
 
     def add(self, name: str, since: float) -> float:
         now = time.perf_counter()
@@ -67,8 +68,11 @@ def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
     if out.is_dir() and any(out.iterdir()):
         done = out / RESULT
         if done.is_file() and not cfg.overwrite:
-            data = json.loads(done.read_text())
-            if data.get("config_identity") == cfg.identity():
+            try:
+                data = json.loads(done.read_text())
+            except ValueError:
+                data = {}  # unreadable: not a finished result of anything
+            if isinstance(data, dict) and data.get("config_identity") == cfg.identity():
                 return out, out, Result(out, data)
         if not cfg.overwrite:
             raise UserError(
@@ -203,7 +207,7 @@ def _run(
     model = load_weights(opened, getattr(torch, cfg.dtype))
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    workdir = Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / cfg.identity()
+    workdir = Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / identity
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     log.info(
@@ -251,6 +255,7 @@ def _run(
     apply_plans(model, plans, spec, shape)
     pruned_block, pruned_total = arch.count_block_params(model, spec), arch.count_total_params(model)
     save_pruned(model, tok, plans, shape, tmp)
+    verify_export(model, tmp, calib[:1, : min(64, seq_len)])
     t = clock.add("export", t)
 
     if ppl is not None and heldout is not None:
@@ -259,7 +264,6 @@ def _run(
         )
         t = clock.add("eval", t)
 
-    clock.spans.update({"supernet": 0.0, "search": 0.0})
     clock.spans["total"] = round(time.perf_counter() - clock.start, 3)
     data: dict[str, Any] = {
         "schema": SCHEMA,

@@ -83,8 +83,17 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> str:
-        """Hash of everything that changes the result (not where it is written)."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in ("out", "workdir", "overwrite")}
+        """Hash of everything that changes the result (not where it is written); local input
+        files count with their size and modification time, so an edited file is a new run."""
+        keep: dict[str, Any] = {
+            k: v for k, v in self.to_dict().items() if k not in ("out", "workdir", "overwrite")
+        }
+        for key in ("model", "calib", "eval_data"):
+            value = keep[key]
+            path = Path(value).expanduser() if value else None
+            if path is not None and path.exists():
+                files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
+                keep[key + "_files"] = [(q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in files]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -123,18 +132,16 @@ def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"config file {path} does not exist", "check the --config path")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    import yaml
 
-            data = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError both derive from it
-        raise UserError(f"cannot parse {path}: {exc}", "fix the file") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a mapping of keys to values", "write key: value lines")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot parse {path}: {first}", "fix the file (YAML or JSON)") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UserError(f"{path} is not a mapping of option names to values", "write key: value lines")
     return check_keys({k.replace("-", "_"): v for k, v in data.items()}, path)
 
 

@@ -14,7 +14,7 @@ from tyr import arch
 from tyr.errors import UserError
 from tyr.modeling import LayerPlan, apply_plans, empty_plans, plans_metadata
 
-__all__ = ["FORMAT", "save_pruned", "load"]
+__all__ = ["FORMAT", "save_pruned", "load", "verify_export"]
 
 FORMAT = "tyr.pruned/1"
 WEIGHTS = "model.safetensors"
@@ -50,3 +50,16 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         apply_plans(model, empty_plans(meta["layers"], shape, dtype), spec, shape)
     load_model(model, str(path / WEIGHTS))
     return model.eval()
+
+
+@torch.inference_mode()
+def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
+    """Reload what was written and check it against the in-memory pruned model: the same
+    block-parameter count and the same logits on a short batch (DESIGN.md §4.9)."""
+    dtype = next(model.parameters()).dtype
+    again = load(path, dtype=dtype)
+    if arch.count_block_params(again) != arch.count_block_params(model):
+        raise RuntimeError(f"{path}: reloaded block parameters differ from the pruned model's")
+    ref, got = model(ids).logits.float(), again(ids).logits.float()
+    if not torch.allclose(ref, got, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max()))):
+        raise RuntimeError(f"{path}: reloaded logits differ from the pruned model's")

@@ -133,7 +133,12 @@ def scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str) -> Tensor:
     Wg = state.W[groups]  # [n, size, d_out]
     Gg = G[groups]
     first = (Wg * Gg).sum(dim=(1, 2))  # ⟨W_R, G_R⟩
-    diag = state.Hinv.diagonal()[groups].clamp(min=_TINY)  # [n, size]
+    diag = state.Hinv.diagonal()[groups]  # [n, size]; removed rows hold 0
+    removed = state.removed[groups]
+    bad = (diag <= 0) & ~removed
+    if bool(bad.any()):
+        log.warning("clamped %d non-positive [H⁻¹]_pp of kept rows", int(bad.sum()))
+    diag = torch.where(diag > 0, diag, torch.full_like(diag, _TINY))
     if saliency == "paper":
         row_first = (Wg * Gg).sum(dim=2).abs()
         row_obs = (Wg * Wg).sum(dim=2) / (2 * diag)
@@ -151,7 +156,7 @@ def scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str) -> Tensor:
         out = obs + first
     else:
         raise ValueError(f"unknown saliency {saliency!r}; expected one of {SALIENCIES}")
-    return out.masked_fill(state.removed[groups].any(dim=1), math.inf)
+    return out.masked_fill(removed.any(dim=1), math.inf)
 
 
 def obs_remove(state: OBSState, rows: Tensor) -> None:
@@ -283,10 +288,10 @@ def solve(
     n = W.shape[0] // size
     if not 0 <= r <= n:
         raise ValueError(f"cannot remove {r} of {n} groups")
+    if r == n or bool(problem.dead.all()):  # all channels dead: every level behaves as r = n
+        return Solution(torch.zeros_like(problem.W), torch.zeros(0, dtype=torch.long), 1.0)
     if r == 0:
         return solution_for_kept(problem, torch.arange(n), size)
-    if r == n or bool(problem.dead.all()):
-        return Solution(torch.zeros_like(problem.W), torch.zeros(0, dtype=torch.long), 1.0)
     groups = group_rows(n, size, problem.W.device)
     order = removal_order(problem, groups, schedule_steps(r, schedule, rounds, per_step), saliency)
     return solution_for_kept(problem, _kept_after(n, order, problem.W.device), size)

@@ -92,7 +92,11 @@ class TyrAttention(nn.Module):
         assert q_lin is not None and k_lin is not None and v_lin is not None and o_lin is not None
         B, T, _ = hidden_states.shape
         q_to_kv: Tensor = self.get_buffer("q_to_kv")
+        cache = cache if cache is not None else past_key_values
         if q_to_kv.numel() == 0:  # the whole attention sub-layer was removed
+            if cache is not None:  # one never-read zero head keeps the cache's length right
+                blank = hidden_states.new_zeros(B, 1, T, self.head_dim)
+                cache.update(blank, blank, self.layer_idx)
             out = hidden_states.new_zeros(B, T, o_lin.out_features)
             return (out + o_lin.bias if o_lin.bias is not None else out), None
         q = q_lin(hidden_states).view(B, T, -1, self.head_dim)
@@ -105,7 +109,6 @@ class TyrAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         assert position_embeddings is not None
         q, k = arch.rotary_apply(q, k, *position_embeddings)
-        cache = cache if cache is not None else past_key_values
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         k = k.index_select(1, q_to_kv)  # [B, q, S, d_h]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,6 @@ class Gram:
     ) -> None:
         self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.tokens = 0
-        self.inputs: list[Tensor] = []  # kept only when asked (keep_inputs)
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
@@ -40,19 +39,19 @@ def gram_of(
     gram: Gram,
     *,
     stop: bool = False,
-    keep_inputs: bool = False,
+    sink: Callable[[Tensor], None] | None = None,
 ) -> Iterator[Gram]:
     """Accumulate the inputs of `linear` into `gram` while the context is open.
 
     stop=True ends each forward right after the input is seen (raises :class:`StopForward`,
-    which the caller catches); keep_inputs=True also keeps every input chunk (on the host).
+    which the caller catches); `sink` also receives every input chunk.
     """
 
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0]
         gram.add(x)
-        if keep_inputs:
-            gram.inputs.append(x.detach().to("cpu"))
+        if sink is not None:
+            sink(x)
         if stop:
             raise StopForward()
 

@@ -48,10 +48,15 @@ class ActivationStore:
         if offload not in ("cpu", "disk"):
             raise ValueError(f"offload must be 'cpu' or 'disk', not {offload!r}")
         self.offload = offload
+        self.root = root
         self._items: list[Any] = []
         self._dir: Path | None = None
         if offload == "disk":
             self._dir = Path(tempfile.mkdtemp(prefix="tyr-act-", dir=root))
+
+    def sibling(self) -> ActivationStore:
+        """A new, empty store with the same placement."""
+        return ActivationStore(self.offload, self.root)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -108,27 +108,30 @@ def prune_uniform(
             )
             a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
 
-            # Pass 2 (sequential): down_proj inputs under the pruned attention, and outputs.
-            keep = spec.mlp_output_is_residual
+            # Pass 2 (sequential): down_proj statistics under the pruned attention. For a
+            # residual MLP the block output is h + z·W_downᵀ, so the outputs of this pass plus
+            # z·ΔWᵀ are the pruned block's outputs (ALGORITHM.md §0 A2); otherwise re-run it.
+            z_store = inputs.hidden.sibling() if spec.mlp_output_is_residual else None
             gram_f = Gram(m.down.in_features, device=device)
-            outs = []
-            with gram_of(m.down, gram_f, keep_inputs=keep):
+            with gram_of(m.down, gram_f, sink=z_store.append if z_store is not None else None):
                 for i in range(len(inputs)):
-                    outs.append(
-                        forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+                    out = forward_block(
+                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
                     )
+                    if z_store is not None:
+                        inputs.hidden[i] = out
             sol_f = _solve_mlp(m.down.weight.T, gram_f.H, alloc.mlp_neurons[b], opt)
             new_down = sol_f.weight.T.to(m.down.weight)
             delta = new_down - m.down.weight
             m.down.weight.copy_(new_down)
             for i in range(len(inputs)):
-                if keep:  # y = h + down(z): the new output is the old one plus z·ΔWᵀ
-                    z = gram_f.inputs[i].to(device)
-                    inputs.hidden[i] = outs[i] + z @ delta.T
+                if z_store is not None:
+                    inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
                 else:
-                    inputs.hidden[i] = forward_block(
-                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
-                    )
+                    kwargs = to_device(inputs.kwargs[i], device)
+                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kwargs)
+            if z_store is not None:
+                z_store.close()
         plans.append(
             LayerPlan(
                 heads=heads,

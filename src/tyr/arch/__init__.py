@@ -115,16 +115,13 @@ class Shape:
         return self.n_q // self.n_kv
 
     def attn_params(self, q: int, v: int) -> int:
-        """Real parameters of an attention sub-layer keeping q query and v KV heads (§3.2)."""
-        if q == 0:
-            return 0
+        """Real parameters of an attention sub-layer keeping q query and v KV heads (§3.2);
+        with q = 0 only the o_proj bias remains (the removed sub-layer outputs that constant)."""
         d, dh = self.hidden, self.head_dim
         return d * dh * (2 * q + 2 * v) + dh * (q * self.q_bias + 2 * v * self.kv_bias) + d * self.o_bias
 
     def mlp_params(self, f: int) -> int:
-        """Real parameters of an FFN sub-layer keeping f neurons."""
-        if f == 0:
-            return 0
+        """Real parameters of an FFN sub-layer keeping f neurons (f = 0: the down_proj bias)."""
         d = self.hidden
         return 3 * d * f + 2 * f * self.mlp_bias + d * self.down_bias
 

@@ -26,6 +26,7 @@ def save_pruned(
     """Write the physically smaller model's tensors, its config with per-layer widths and the tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
     save_model(model, str(dest / WEIGHTS))
+    (dest / WEIGHTS).chmod(0o644)  # the writer creates it owner-only; the rest of DIR is 0644
     hf_config: Any = model.config
     config = hf_config.to_dict()
     config["tyr"] = {"format": FORMAT, "layers": plans_metadata(plans, shape)}

@@ -1,0 +1,104 @@
+"""The search knows nothing about torch: driven here with toy fitness functions."""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+import pytest
+
+from tyr.search.evolution import evolve, mutate, offspring
+from tyr.search.space import Gene, Space, ffn_step_floor, level_range, step_units
+
+
+def toy_space(blocks: int = 6, half: int = 4, guard=None) -> Space:
+    genes = tuple(Gene(b, k) for b in range(blocks) for k in ("attn", "mlp"))
+    return Space(genes, (-half,) * len(genes), (half,) * len(genes), guard)
+
+
+def test_steps_and_floors_match_the_spec_examples():
+    assert [step_units(32, t, 1) for t in (1, 2, 3, 4)] == [4, 2, 1, 1]
+    assert [step_units(24, t, 1) for t in (1, 2, 3, 4)] == [3, 2, 1, 1]
+    assert [step_units(11008, t, 32) for t in (1, 2, 3, 4)] == [1376, 688, 344, 172]
+    assert [step_units(14336, t, 32) for t in (1, 2, 3, 4)] == [1792, 896, 448, 224]
+    assert ffn_step_floor(14336) == 32 and ffn_step_floor(1536) == 24
+    assert [step_units(1536, t, ffn_step_floor(1536)) for t in (1, 2, 3, 4)] == [192, 96, 48, 24]
+    assert step_units(9, 1, 1, Fraction(1, 8)) == 1
+
+
+def test_level_ranges():
+    assert level_range(16, 4, 32) == (-4, 4)  # 50 %: 9 levels from 0 % to 100 %
+    assert level_range(8, 4, 32) == (-2, 4)  # 25 %: 7 levels
+    assert level_range(4, 4, 32) == (-1, 4)  # 12.5 %: 6 levels
+    assert level_range(0, 1, 9) == (0, 4) and level_range(9, 1, 9) == (-4, 0)
+
+
+def test_mutation_preserves_the_budget_and_the_bounds():
+    space = toy_space(half=2)
+    rng = random.Random(0)
+    g = space.zero
+    for _ in range(500):
+        child = mutate(g, space, rng)
+        assert child is not None and space.valid(child)
+        assert sum(abs(a - b) for a, b in zip(child, g, strict=True)) <= 8  # at most 4 shifts
+        g = child
+
+
+def test_offspring_are_distinct_and_differ_from_the_parent():
+    space = toy_space(blocks=2, half=1)  # genes (attn0, mlp0, attn1, mlp1), levels ±1
+    kids = offspring(space.zero, space, random.Random(1), 50)
+    assert len(kids) == len(set(kids)) and space.zero not in kids
+    # Each kind is (0, 0), (1, -1) or (-1, 1): 3 × 3 − 1 = 8 genomes, all found, then exhausted.
+    every = {(a, b, -a, -b) for a in (-1, 0, 1) for b in (-1, 0, 1)} - {space.zero}
+    assert set(kids) == every
+
+
+def _toy_fitness(target):
+    def fitness(stage, genomes):
+        return [sum((a - b) ** 2 for a, b in zip(g, target, strict=True)) for g in genomes]
+
+    return fitness
+
+
+def test_evolution_finds_a_budget_preserving_optimum():
+    space = toy_space()
+    target = (2, -1, -2, 1, 0, 3, 1, -3, -1, 0, 0, 0)  # Σ attn = 0 and Σ mlp = 0
+    assert space.valid(target)
+    best, history = evolve(
+        space, _toy_fitness(target), random.Random(0), generations=60, offspring_count=16, survivors=(4, 2, 1)
+    )
+    assert best == target
+    fits = [h.parent_fitness for h in history]
+    assert all(b <= a for a, b in zip(fits, fits[1:], strict=False))  # elitist: never worse
+    assert history[0].evaluated == [16, 4, 3]  # stage 3 = survivors of stage 2 plus the parent
+
+
+def test_same_seed_same_genome_and_guard_is_respected():
+    guard = lambda g: abs(g[0]) <= 1  # noqa: E731 - a stand-in for the GQA real-parameter guard
+    space = toy_space(guard=guard)
+    target = (3, 0, -3, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    runs = [
+        evolve(
+            space, _toy_fitness(target), random.Random(7), generations=20, offspring_count=8, survivors=(3, 1)
+        )[0]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and abs(runs[0][0]) <= 1
+    other = evolve(
+        space, _toy_fitness(target), random.Random(8), generations=3, offspring_count=8, survivors=(3, 1)
+    )
+    assert space.valid(other[0])
+
+
+def test_invalid_start_is_refused():
+    space = toy_space()
+    with pytest.raises(ValueError):
+        evolve(
+            space,
+            _toy_fitness(space.zero),
+            random.Random(0),
+            generations=1,
+            offspring_count=2,
+            survivors=(1,),
+            start=(1,) + (0,) * 11,
+        )

@@ -13,7 +13,7 @@ from tyr.export import load, save_pruned
 from tyr.gqa import layout
 from tyr.modeling import LayerPlan, apply_plans, mask_plans
 from tyr.stream import capture
-from tyr.surgery import slice_attention, take_cols, take_rows, unit_index
+from tyr.surgery import compact_cols, expand_cols, slice_qkv, take_cols, take_rows, unit_index
 from tyr.uniform import SolverOptions, prune_uniform
 
 
@@ -25,15 +25,14 @@ def test_unit_index_and_paired_slices():
     assert take_cols(W, torch.tensor([2])).tolist() == [[2], [5], [8], [11]]
     q = (torch.randn(6 * 2, 5), None)
     kv = (torch.randn(2 * 2, 5), torch.randn(4))
-    (qw, _), (kw, kb), _, ow = slice_attention(q, kv, kv, torch.randn(5, 12), [4, 5], [1], 2)
-    assert (
-        qw.shape == (4, 5)
-        and kw.shape == (2, 5)
-        and kb is not None
-        and kb.shape == (2,)
-        and ow.shape == (5, 4)
-    )
-    assert torch.equal(kw, kv[0][2:4])
+    (qw, _), (kw, kb), _ = slice_qkv(q, kv, kv, [4, 5], [1], 2)
+    assert qw.shape == (4, 5) and kw.shape == (2, 5) and kb is not None and kb.shape == (2,)
+    assert torch.equal(kw, kv[0][2:4]) and torch.equal(qw, q[0][8:12])
+    full = torch.randn(5, 12)
+    small = compact_cols(full, [1, 4], 2)
+    assert torch.equal(small, full[:, [2, 3, 8, 9]])
+    back = expand_cols(small, [1, 4], 2, 6)
+    assert torch.equal(back[:, [2, 3, 8, 9]], small) and back[:, [0, 1, 4, 5, 6, 7, 10, 11]].abs().max() == 0
 
 
 def _calib(seed: int = 0, n: int = 6, T: int = 24) -> torch.Tensor:
@@ -72,20 +71,16 @@ def test_removed_sublayers_and_uneven_groups(family):
     """s = 1 attention (no heads: attention is skipped) and FFN (no neurons), uneven q_to_kv."""
     model = tiny_model(family)
     spec, shape = arch.spec_for(model), arch.shape_of(model)
-    d, dq = shape.hidden, shape.n_q * shape.head_dim
+    d = shape.hidden
     g = torch.Generator().manual_seed(3)
 
     def plan(kept_q, kept_neurons):
-        o = torch.randn(d, dq, generator=g) * 0.2
-        o[:, ~torch.isin(torch.arange(dq), unit_index(kept_q, shape.head_dim))] = 0
-        down = torch.randn(d, shape.intermediate, generator=g) * 0.2
-        down[
-            :, ~torch.isin(torch.arange(shape.intermediate), torch.tensor(kept_neurons, dtype=torch.long))
-        ] = 0
+        o = torch.randn(d, len(kept_q) * shape.head_dim, generator=g) * 0.2
+        down = torch.randn(d, len(kept_neurons), generator=g) * 0.2
         return LayerPlan(layout(kept_q, shape.n_q, shape.n_kv), tuple(kept_neurons), o, down)
 
     plans = [plan([], []), plan([0, 1, 2, 5], [0, 3, 36]), plan([4], list(range(37)))]
-    masked = mask_plans(copy.deepcopy(model), plans, spec)
+    masked = mask_plans(copy.deepcopy(model), plans, spec, shape)
     sliced = apply_plans(copy.deepcopy(model), plans, spec, shape)
     assert plans[1].heads.q_to_kv == (0, 0, 0, 1)
     ids = _calib(seed=2, n=2, T=9)
@@ -97,14 +92,8 @@ def test_cached_decoding_matches_the_full_forward():
     """A layer with no heads still advances the KV cache (positions of later layers stay right)."""
     model = tiny_model("llama")
     spec, shape = arch.spec_for(model), arch.shape_of(model)
-    plans = [
-        LayerPlan(
-            layout([], 6, 2), tuple(range(37)), torch.zeros(42, 60), arch.mlp_parts(layer, spec).down.weight
-        )
-        if i == 0
-        else None
-        for i, layer in enumerate(arch.layers(model, spec))
-    ]
+    down0 = arch.mlp_parts(arch.layers(model, spec)[0], spec).down.weight
+    plans = [LayerPlan(layout([], 6, 2), tuple(range(37)), torch.zeros(42, 0), down0), None, None]
     sliced = apply_plans(model, plans, spec, shape)
     ids = _calib(seed=5, n=1, T=12)
     with torch.inference_mode():

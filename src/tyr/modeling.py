@@ -8,6 +8,7 @@ smaller Linears.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,17 +19,25 @@ from torch import Tensor, nn
 from tyr import arch
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import HeadLayout, layout
-from tyr.surgery import slice_attention, slice_mlp
+from tyr.surgery import expand_cols, slice_gate_up, slice_qkv
 
-__all__ = ["LayerPlan", "TyrAttention", "apply_plans", "mask_plans", "plans_metadata", "empty_plans"]
+__all__ = [
+    "LayerPlan",
+    "TyrAttention",
+    "set_attention",
+    "set_mlp",
+    "apply_plans",
+    "mask_plans",
+    "plans_metadata",
+    "empty_plans",
+]
 
 
 @dataclass
 class LayerPlan:
-    """A pruned block: kept heads and neurons, and the refitted consumer weights.
+    """A pruned block: kept heads and neurons, and the compact refitted consumer weights.
 
-    o_weight / down_weight are full-size in Linear orientation ([d, n_q·d_h], [d, d_ff]) with
-    zero columns for removed units.
+    o_weight: [d, |kept_q|·d_h], down_weight: [d, |kept_neurons|] (Linear orientation).
     """
 
     heads: HeadLayout
@@ -126,51 +135,69 @@ def _pair(lin: nn.Linear) -> tuple[Tensor, Tensor | None]:
     return lin.weight.data, (lin.bias.data if lin.bias is not None else None)
 
 
+def set_attention(
+    layer: nn.Module,
+    spec: ArchSpec,
+    shape: Shape,
+    layer_idx: int,
+    dense: arch.AttentionParts,
+    heads: HeadLayout,
+    o_compact: Tensor,
+) -> None:
+    """Give `layer` a physically smaller attention: q/k/v rows of the kept heads of `dense`
+    and the compact o_proj weight."""
+    (qw, qb), (kw, kb), (vw, vb) = slice_qkv(
+        _pair(dense.q), _pair(dense.k), _pair(dense.v), heads.kept_q, heads.kept_kv, shape.head_dim
+    )
+    assert o_compact.shape == (dense.o.out_features, len(heads.kept_q) * shape.head_dim)
+    o_bias = dense.o.bias.data if dense.o.bias is not None else None
+    attn = TyrAttention(
+        _linear(qw, qb),
+        _linear(kw, kb),
+        _linear(vw, vb),
+        _linear(o_compact.to(dense.o.weight), o_bias),
+        heads.q_to_kv,
+        shape.head_dim,
+        layer_idx,
+        dense.q_norm,
+        dense.k_norm,
+        spec,
+    )
+    setattr(layer, spec.attn, attn)
+
+
+def set_mlp(
+    layer: nn.Module, spec: ArchSpec, dense: arch.MLPParts, kept: Sequence[int], down_compact: Tensor
+) -> None:
+    """Give `layer`'s MLP the gate/up rows of the kept neurons of `dense` and the compact down_proj."""
+    (gw, gb), (uw, ub) = slice_gate_up(_pair(dense.gate), _pair(dense.up), kept)
+    assert down_compact.shape == (dense.down.out_features, len(kept))
+    mlp = getattr(layer, spec.mlp)
+    down_bias = dense.down.bias.data if dense.down.bias is not None else None
+    setattr(mlp, spec.gate, _linear(gw, gb))
+    setattr(mlp, spec.up, _linear(uw, ub))
+    setattr(mlp, spec.down, _linear(down_compact.to(dense.down.weight), down_bias))
+
+
 def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, shape: Shape) -> nn.Module:
     """Replace each planned block's projections by physically smaller ones (in place)."""
     for idx, (layer, plan) in enumerate(zip(arch.layers(model, spec), plans, strict=True)):
         if plan is None:
             continue
         a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-        (qw, qb), (kw, kb), (vw, vb), ow = slice_attention(
-            _pair(a.q),
-            _pair(a.k),
-            _pair(a.v),
-            plan.o_weight.to(a.o.weight),
-            plan.heads.kept_q,
-            plan.heads.kept_kv,
-            shape.head_dim,
-        )
-        new_attn = TyrAttention(
-            _linear(qw, qb),
-            _linear(kw, kb),
-            _linear(vw, vb),
-            _linear(ow, a.o.bias),
-            plan.heads.q_to_kv,
-            shape.head_dim,
-            idx,
-            a.q_norm,
-            a.k_norm,
-            spec,
-        )
-        setattr(layer, spec.attn, new_attn)
-        (gw, gb), (uw, ub), dw = slice_mlp(
-            _pair(m.gate), _pair(m.up), plan.down_weight.to(m.down.weight), plan.kept_neurons
-        )
-        setattr(m.module, spec.gate, _linear(gw, gb))
-        setattr(m.module, spec.up, _linear(uw, ub))
-        setattr(m.module, spec.down, _linear(dw, m.down.bias))
+        set_attention(layer, spec, shape, idx, a, plan.heads, plan.o_weight)
+        set_mlp(layer, spec, m, plan.kept_neurons, plan.down_weight)
     return model
 
 
-def mask_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec) -> nn.Module:
+def mask_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, shape: Shape) -> nn.Module:
     """The full-size equivalent: refitted o_proj/down_proj with zero columns for removed units."""
     for layer, plan in zip(arch.layers(model, spec), plans, strict=True):
         if plan is None:
             continue
         a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-        a.o.weight.data.copy_(plan.o_weight)
-        m.down.weight.data.copy_(plan.down_weight)
+        a.o.weight.data.copy_(expand_cols(plan.o_weight, plan.heads.kept_q, shape.head_dim, shape.n_q))
+        m.down.weight.data.copy_(expand_cols(plan.down_weight, plan.kept_neurons, 1, shape.intermediate))
     return model
 
 
@@ -196,8 +223,8 @@ def empty_plans(meta: list[dict], shape: Shape, dtype: torch.dtype) -> list[Laye
             LayerPlan(
                 heads=heads,
                 kept_neurons=tuple(range(m["intermediate"])),
-                o_weight=torch.zeros(shape.hidden, shape.n_q * shape.head_dim, dtype=dtype),
-                down_weight=torch.zeros(shape.hidden, shape.intermediate, dtype=dtype),
+                o_weight=torch.zeros(shape.hidden, len(heads.kept_q) * shape.head_dim, dtype=dtype),
+                down_weight=torch.zeros(shape.hidden, m["intermediate"], dtype=dtype),
             )
         )
     return plans

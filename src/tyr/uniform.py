@@ -20,6 +20,7 @@ from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept
 from tyr.modeling import LayerPlan
 from tyr.stats import Gram, gram_of
 from tyr.stream import BlockInputs, StopForward, forward_block, on_device, to_device
+from tyr.surgery import compact_cols
 
 __all__ = ["Allocation", "allocate", "prune_uniform"]
 
@@ -136,8 +137,8 @@ def prune_uniform(
             LayerPlan(
                 heads=heads,
                 kept_neurons=tuple(sol_f.kept.tolist()),
-                o_weight=a.o.weight.detach().to("cpu").clone(),
-                down_weight=m.down.weight.detach().to("cpu").clone(),
+                o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
+                down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
             )
         )
         log.debug(

@@ -34,6 +34,7 @@ __all__ = [
     "refit",
     "rel_error",
     "solve",
+    "solve_problem",
     "solution_for_kept",
     "magnitude_order",
 ]
@@ -54,6 +55,13 @@ class Problem:
     G: Tensor  # [d_in, d_out] H_d·W (first-order Taylor term)
     lam: float
     dead: Tensor  # bool [d_in]: H_pp == 0
+    _hinv: Tensor | None = None
+
+    def hinv(self) -> Tensor:
+        """H_d⁻¹, computed once and shared by every candidate of the sub-layer (§5.3)."""
+        if self._hinv is None:
+            self._hinv = chol_inverse(self.Hd)
+        return self._hinv
 
 
 def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype | None = None) -> Problem:
@@ -114,7 +122,7 @@ class OBSState:
     def start(cls, problem: Problem) -> OBSState:
         return cls(
             W=problem.W.clone(),
-            Hinv=chol_inverse(problem.Hd),
+            Hinv=problem.hinv().clone(),
             removed=torch.zeros(problem.W.shape[0], dtype=torch.bool, device=problem.W.device),
         )
 
@@ -285,7 +293,23 @@ def solve(
 ) -> Solution:
     """Remove r of the W.shape[0]/size groups: progressive OBS removal, then the final refit."""
     problem = make_problem(W, H, damp=damp, dtype=dtype)
-    n = W.shape[0] // size
+    return solve_problem(
+        problem, size, r, saliency=saliency, schedule=schedule, rounds=rounds, per_step=per_step
+    )
+
+
+def solve_problem(
+    problem: Problem,
+    size: int,
+    r: int,
+    *,
+    saliency: str = "obs_block",
+    schedule: str = "rounds",
+    rounds: int = 16,
+    per_step: int = 16,
+) -> Solution:
+    """:func:`solve` on a prepared problem (several removal counts share one problem)."""
+    n = problem.W.shape[0] // size
     if not 0 <= r <= n:
         raise ValueError(f"cannot remove {r} of {n} groups")
     if r == n or bool(problem.dead.all()):  # all channels dead: every level behaves as r = n

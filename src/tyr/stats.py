@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from tyr.stream import StopForward
+from tyr.stream import BlockInputs, StopForward, forward_block, to_device
 
-__all__ = ["Gram", "gram_of"]
+__all__ = ["Gram", "gram_of", "collect_gram"]
 
 
 class Gram:
@@ -60,3 +60,13 @@ def gram_of(
         yield gram
     finally:
         handle.remove()
+
+
+def collect_gram(layer: nn.Module, linear: nn.Linear, inputs: BlockInputs, device: str = "cpu") -> Gram:
+    """H of `linear`'s inputs over every chunk; each forward stops right after `linear` sees them."""
+    gram = Gram(linear.in_features, device=device)
+    with gram_of(linear, gram, stop=True):
+        for i in range(len(inputs)):
+            with contextlib.suppress(StopForward):
+                forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+    return gram

@@ -4,7 +4,6 @@ pruned blocks < b. The paper's local-pruning baseline (ALGORITHM.md §10.2, Tabl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,8 +17,8 @@ from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout, prune_attention, round_half_up, spread
 from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept, solve
 from tyr.modeling import LayerPlan
-from tyr.stats import Gram, gram_of
-from tyr.stream import BlockInputs, StopForward, forward_block, on_device, to_device
+from tyr.stats import Gram, collect_gram, gram_of
+from tyr.stream import BlockInputs, forward_block, on_device, to_device
 from tyr.surgery import compact_cols
 
 __all__ = ["Allocation", "allocate", "prune_uniform"]
@@ -61,16 +60,6 @@ def _solve_mlp(W: Tensor, H: Tensor, r: int, opt: SolverOptions) -> Solution:
     return solve(W, H, 1, r, saliency=opt.saliency, schedule=opt.schedule, damp=opt.damp)
 
 
-def _attn_gram(layer: nn.Module, o: nn.Linear, inputs: BlockInputs, device: str) -> Gram:
-    """Pass 1: o_proj inputs only (the forward stops right after o_proj sees them)."""
-    gram = Gram(o.in_features, device=device)
-    with gram_of(o, gram, stop=True):
-        for i in range(len(inputs)):
-            with contextlib.suppress(StopForward):
-                forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
-    return gram
-
-
 @torch.inference_mode()
 def prune_uniform(
     model: nn.Module,
@@ -94,7 +83,7 @@ def prune_uniform(
             a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
             # Attention: target the remaining budget spread evenly over the remaining blocks.
             target = round(attn_left / (len(blocks) - b))
-            H_A = _attn_gram(layer, a.o, inputs, device).H
+            H_A = collect_gram(layer, a.o, inputs, device).H
             sol_a = prune_attention(
                 make_problem(a.o.weight.T, H_A, damp=opt.damp),
                 shape,

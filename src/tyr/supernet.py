@@ -1,0 +1,319 @@
+"""Supernet: independent locally pruned candidates at several levels per sub-layer, built block
+by block with error accumulation and stored compactly on disk (ALGORITHM.md §5, §6, §0 A2/A3).
+
+Layout of one iteration: ``iter{t}/manifest.json`` and ``iter{t}/blk{b:03d}.{attn|mlp}/L{k:+d}.safetensors``
+holding ``weight`` (the kept input columns of the refitted o_proj/down_proj, [d_out, kept·unit])
+and ``kept`` / ``kept_kv`` (int32 ascending unit indices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tyr import arch
+from tyr.arch import ArchSpec, Shape
+from tyr.assets import sha256_file
+from tyr.errors import UserError
+from tyr.gqa import attn_removed, layout, prune_attention
+from tyr.local import make_problem, solve_problem
+from tyr.search.space import Gene
+from tyr.stats import Gram, collect_gram, gram_of
+from tyr.stream import BlockInputs, forward_block, on_device, to_device
+from tyr.surgery import compact_cols, expand_cols
+
+__all__ = [
+    "ACCUMULATIONS",
+    "SubLayer",
+    "Candidate",
+    "Store",
+    "SupernetOptions",
+    "build",
+    "propagation_weight",
+]
+
+log = logging.getLogger(__name__)
+
+ACCUMULATIONS = ("expectation", "centre", "none")
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SubLayer:
+    """One gene's candidates: level k removes centre + k·step (nominal) units of n."""
+
+    gene: Gene
+    n: int
+    centre: int
+    step: int
+    low: int
+    high: int
+
+    def units(self, level: int) -> int:
+        return self.centre + level * self.step
+
+    @property
+    def levels(self) -> range:
+        return range(self.low, self.high + 1)
+
+
+@dataclass
+class Candidate:
+    level: int
+    units: int  # nominal units asked for
+    kept: tuple[int, ...]  # kept heads or neurons, ascending
+    kept_kv: tuple[int, ...]  # kept KV heads (attention only)
+    removed_params: int  # real parameters removed
+    eps: float
+    path: str = ""
+    sha256: str = ""
+    bytes: int = 0
+    weight: Tensor | None = field(default=None, repr=False)  # compact, loaded on demand
+
+    def meta(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("weight")
+        return d
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """A self-describing directory of one iteration's candidates with a versioned manifest."""
+
+    def __init__(self, root: Path, iteration: int, identity: dict[str, Any]) -> None:
+        self.dir = root / f"iter{iteration}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.dir / "manifest.json"
+        self.identity = identity
+        if self.manifest_path.is_file():
+            manifest = json.loads(self.manifest_path.read_text())
+            if manifest.get("identity") != identity:
+                raise UserError(
+                    f"{self.dir} holds a supernet built with a different configuration",
+                    "delete that work directory or pass another --workdir",
+                )
+            self.sublayers: dict[str, Any] = manifest["sublayers"]
+        else:
+            self.sublayers = {}
+            self._write_manifest()
+
+    @staticmethod
+    def key(gene: Gene) -> str:
+        return f"blk{gene.block:03d}.{gene.kind}"
+
+    def _write_manifest(self) -> None:
+        manifest = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "sublayers": self.sublayers}
+        _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+
+    def finished(self, gene: Gene) -> list[Candidate] | None:
+        """The stored candidates of a finished sub-layer whose files all verify, else None
+        (a corrupt or missing file is reported and the sub-layer is recomputed, §0 A3)."""
+        entry = self.sublayers.get(self.key(gene))
+        if entry is None or entry.get("status") != "done":
+            return None
+        cands = [
+            Candidate(**{**c, "kept": tuple(c["kept"]), "kept_kv": tuple(c["kept_kv"])})
+            for c in entry["candidates"]
+        ]
+        for c in cands:
+            path = self.dir / c.path
+            if not path.is_file() or sha256_file(path) != c.sha256:
+                log.warning(
+                    "%s: %s is missing or corrupt; recomputing this sub-layer", self.key(gene), c.path
+                )
+                return None
+        return cands
+
+    def save(self, gene: Gene, cands: list[Candidate]) -> None:
+        folder = self.dir / self.key(gene)
+        folder.mkdir(exist_ok=True)
+        for c in cands:
+            assert c.weight is not None
+            tensors = {
+                "weight": c.weight.detach().to("cpu").contiguous(),
+                "kept": torch.tensor(c.kept, dtype=torch.int32),
+                "kept_kv": torch.tensor(c.kept_kv, dtype=torch.int32),
+            }
+            rel = f"{self.key(gene)}/L{c.level:+d}.safetensors"
+            path = self.dir / rel
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            save_file(tensors, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            c.path, c.sha256, c.bytes = rel, sha256_file(path), path.stat().st_size
+        self.sublayers[self.key(gene)] = {"status": "done", "candidates": [c.meta() for c in cands]}
+        self._write_manifest()
+
+    def weight(self, cand: Candidate) -> Tensor:
+        if cand.weight is None:
+            cand.weight = load_file(str(self.dir / cand.path))["weight"]
+        return cand.weight
+
+
+@dataclass(frozen=True)
+class SupernetOptions:
+    saliency: str = "obs_block"
+    schedule: str = "rounds"
+    gqa: str = "free"
+    damp: float = 0.01
+    accumulation: str = "expectation"
+
+
+def _attn_candidates(
+    o: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions
+) -> list[Candidate]:
+    problem = make_problem(o.weight.T, H, damp=opt.damp)
+    per_unit = Fraction(shape.attn_params(shape.n_q, shape.n_kv), shape.n_q)  # nominal unit, real params
+    out = []
+    for k in sub.levels:
+        target = round(sub.units(k) * per_unit)
+        sol = prune_attention(problem, shape, target, mode=opt.gqa, saliency=opt.saliency)
+        kept = tuple(int(h) for h in sol.kept)
+        heads = layout(kept, shape.n_q, shape.n_kv)
+        weight = compact_cols(sol.weight.T.to(o.weight), kept, shape.head_dim)
+        out.append(
+            Candidate(k, sub.units(k), kept, heads.kept_kv, attn_removed(shape, kept), sol.eps, weight=weight)
+        )
+    return out
+
+
+def _mlp_candidates(
+    down: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions
+) -> list[Candidate]:
+    problem = make_problem(down.weight.T, H, damp=opt.damp)
+    dense = shape.mlp_params(shape.intermediate)
+    out = []
+    for k in sub.levels:
+        sol = solve_problem(problem, 1, sub.units(k), saliency=opt.saliency, schedule=opt.schedule)
+        kept = tuple(int(j) for j in sol.kept)
+        weight = compact_cols(sol.weight.T.to(down.weight), kept, 1)
+        removed = dense - shape.mlp_params(len(kept))
+        out.append(Candidate(k, sub.units(k), kept, (), removed, sol.eps, weight=weight))
+    eps = [c.eps for c in out]
+    if any(b < a - 1e-9 for a, b in zip(eps, eps[1:], strict=False)):
+        log.debug("block %d mlp: ε not non-decreasing over levels: %s", sub.gene.block, eps)
+    return out
+
+
+def propagation_weight(
+    cands: list[Candidate], store: Store, dense: Tensor, size: int, n: int, total: int, accumulation: str
+) -> Tensor:
+    """W_prop in Linear orientation (§6.1): `expectation` = Σ α_e·Ŵ_e with α_e ∝ 1 − s_e
+    (paper Eq. 5, exact by linearity §6.2), `centre` = the level-0 candidate, `none` = dense."""
+    if accumulation == "none":
+        return dense
+    if accumulation == "centre":
+        c = next(c for c in cands if c.level == 0)
+        return expand_cols(store.weight(c).float(), c.kept, size, n).to(dense)
+    if accumulation != "expectation":
+        raise ValueError(f"unknown accumulation {accumulation!r}; expected one of {ACCUMULATIONS}")
+    alphas = [1 - c.removed_params / total for c in cands]
+    norm = sum(alphas)
+    mean = torch.zeros(dense.shape, dtype=torch.float32, device=dense.device)
+    if norm <= 0:
+        return mean.to(dense)
+    for c, a in zip(cands, alphas, strict=True):
+        if a > 0:
+            mean += (a / norm) * expand_cols(store.weight(c).float().to(dense.device), c.kept, size, n)
+    return mean.to(dense)
+
+
+@torch.inference_mode()
+def build(
+    model: nn.Module,
+    spec: ArchSpec,
+    shape: Shape,
+    inputs: BlockInputs,
+    sublayers: dict[Gene, SubLayer],
+    store: Store,
+    opt: SupernetOptions,
+    device: str = "cpu",
+    desc: str = "supernet",
+) -> dict[Gene, list[Candidate]]:
+    """Solve (or load) every sub-layer's candidates, block by block; each block is calibrated on
+    inputs propagated through the previous blocks' W_prop (§5.4). The model's weights are left
+    dense; `inputs` are consumed."""
+    out: dict[Gene, list[Candidate]] = {}
+    probe = inputs.hidden[0].clone()  # dense activations of the first chunk, for the §6.5 check
+    blocks = arch.layers(model, spec)
+    attn_total, mlp_total = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
+    bar = tqdm(total=len(blocks), desc=desc, unit="block")
+    for b, layer in enumerate(blocks):
+        with on_device(layer, device):
+            a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+            dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
+            kw0 = to_device(inputs.kwargs[0], device)
+            probe = forward_block(layer, probe.to(device), kw0).to("cpu")
+
+            ga, gf = Gene(b, "attn"), Gene(b, "mlp")
+            cands_a = store.finished(ga)
+            if cands_a is None:
+                H_A = collect_gram(layer, a.o, inputs, device).H
+                cands_a = _attn_candidates(a.o, H_A, shape, sublayers[ga], opt)
+                store.save(ga, cands_a)
+            a.o.weight.copy_(
+                propagation_weight(
+                    cands_a, store, dense_o, shape.head_dim, shape.n_q, attn_total, opt.accumulation
+                )
+            )
+
+            # Sequential: FFN statistics under A_b's propagation weight; outputs via z·ΔWᵀ (§0 A2).
+            z_store = inputs.hidden.sibling() if spec.mlp_output_is_residual else None
+            gram_f = Gram(m.down.in_features, device=device)
+            with gram_of(m.down, gram_f, sink=z_store.append if z_store is not None else None):
+                for i in range(len(inputs)):
+                    y = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+                    if z_store is not None:
+                        inputs.hidden[i] = y
+            cands_f = store.finished(gf)
+            if cands_f is None:
+                cands_f = _mlp_candidates(m.down, gram_f.H, shape, sublayers[gf], opt)
+                store.save(gf, cands_f)
+            w_prop = propagation_weight(
+                cands_f, store, dense_down, 1, shape.intermediate, mlp_total, opt.accumulation
+            )
+            delta = w_prop - m.down.weight
+            m.down.weight.copy_(w_prop)
+            for i in range(len(inputs)):
+                if z_store is not None:
+                    inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
+                else:
+                    inputs.hidden[i] = forward_block(
+                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
+                    )
+            if z_store is not None:
+                z_store.close()
+            a.o.weight.copy_(dense_o)
+            m.down.weight.copy_(dense_down)
+
+        drift = float((inputs.hidden[0] - probe).norm() / probe.norm().clamp(min=1e-30))
+        pruned = any(c.removed_params > 0 for c in cands_a + cands_f)
+        if opt.accumulation != "none" and pruned and drift == 0.0:
+            raise RuntimeError(
+                f"block {b}: propagated activations equal the dense ones; accumulation is not acting"
+            )
+        log.debug("block %d: ‖X̄ − X_dense‖/‖X_dense‖ = %.4f", b, drift)
+        out[ga], out[gf] = cands_a, cands_f
+        bar.set_postfix(drift=f"{drift:.3f}")
+        bar.update()
+    bar.close()
+    return out

@@ -37,7 +37,7 @@ def _args(tiny_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:
 
 def test_prune_end_to_end(tiny_dir, calib_txt, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform")) == 0
+    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform", "--method", "uniform")) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["schema"] == "tyr.result/1" and res["method"] == "uniform"
     assert abs(res["sparsity_achieved"] - 0.4) < 0.05
@@ -53,11 +53,40 @@ def test_prune_end_to_end(tiny_dir, calib_txt, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.tmp-*"))
     # The same command again finds the finished result and does nothing.
     stamp = (out / "result.json").stat().st_mtime_ns
-    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform")) == 0
+    assert main(_args(tiny_dir, calib_txt, out, "--gqa", "uniform", "--method", "uniform")) == 0
     assert (out / "result.json").stat().st_mtime_ns == stamp
     # A different configuration into the same directory needs --overwrite.
-    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3")) == 2
-    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3", "--overwrite")) == 0
+    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3", "--method", "uniform")) == 2
+    assert main(_args(tiny_dir, calib_txt, out, "--seed", "3", "--method", "uniform", "--overwrite")) == 0
+
+
+SEARCH = [
+    "--iterations",
+    "2",
+    "--generations",
+    "3",
+    "--offspring",
+    "6",
+    "--stage-tokens",
+    "64,256",
+    "--survivors",
+    "2,1",
+    "--kl-topk",
+    "16",
+]
+
+
+def test_search_end_to_end(tiny_dir, calib_txt, tmp_path):
+    out = tmp_path / "searched"
+    assert main(_args(tiny_dir, calib_txt, out, *SEARCH)) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["method"] == "tyr" and abs(res["sparsity_achieved"] - 0.4) < 0.05
+    its = res["search"]["iterations"]
+    assert len(its) == 2 and its[0]["step_attn"] == 1 and its[1]["step_mlp"] < its[0]["step_mlp"]
+    assert len(its[0]["genome"]) == 6 and sum(its[0]["genome"][1::2]) == 0  # Σ k = 0 over FFN genes
+    assert len(its[0]["parent_fitness"]) == 3
+    assert res["timings"]["supernet"] > 0 and res["timings"]["search"] > 0
+    assert arch.count_block_params(tyr.load(out)) == res["params"]["pruned_block"]
 
 
 def test_python_api(tiny_dir, calib_txt, tmp_path):

@@ -15,14 +15,16 @@ from typing import Any
 import torch
 
 from tyr import __version__, arch, assets
-from tyr.config import PRESETS, PruneConfig, check_keys, resolve_preset
+from tyr.config import DATA_KEYS, PruneConfig, check_keys, int_list, resolve_preset
 from tyr.data import load_text, token_batches, tokenize
 from tyr.errors import UserError
 from tyr.export import save_pruned, verify_export
 from tyr.modeling import apply_plans, plans_metadata
 from tyr.models import fingerprint, load_weights, open_model
 from tyr.perplexity import perplexity
+from tyr.search.driver import SearchOptions, search_prune
 from tyr.stream import capture
+from tyr.supernet import SupernetOptions
 from tyr.uniform import SolverOptions, prune_uniform
 
 __all__ = ["Result", "prune"]
@@ -161,7 +163,7 @@ def prune(
 def run(cfg: PruneConfig) -> Result:
     clock = _Clock()
     t = clock.start
-    explicit = {k for k in PRESETS["quick"] if getattr(cfg, k) is not None}
+    explicit = {k for k in DATA_KEYS if getattr(cfg, k) is not None}
     out, tmp, done = _prepare_out(cfg)
     if done is not None:
         log.info("%s already holds this result; nothing to do", out)
@@ -241,16 +243,24 @@ def _run(
         ppl = {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len, "dense": dense_ppl}
         t = clock.add("eval", t)
 
-    inputs = capture(model, spec, list(calib.split(cfg.batch_size)), cfg.device, cfg.offload, workdir)
-    t = clock.add("calibration", t)
-    try:
-        opt = SolverOptions(
-            saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
-        )
-        plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
-    finally:
-        inputs.close()
-    t = clock.add("prune", t)
+    search_log: list[dict[str, Any]] | None = None
+    if cfg.method == "tyr":
+        plans, search_log = _search(cfg, model, spec, shape, calib, workdir)
+        supernet_s = sum(r["supernet_seconds"] for r in search_log)
+        clock.spans["supernet"] = round(supernet_s, 3)
+        clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
+        t = time.perf_counter()
+    else:
+        inputs = capture(model, spec, list(calib.split(cfg.batch_size)), cfg.device, cfg.offload, workdir)
+        t = clock.add("calibration", t)
+        try:
+            opt = SolverOptions(
+                saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
+            )
+            plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
+        finally:
+            inputs.close()
+        t = clock.add("prune", t)
 
     apply_plans(model, plans, spec, shape)
     pruned_block, pruned_total = arch.count_block_params(model, spec), arch.count_total_params(model)
@@ -280,6 +290,7 @@ def _run(
         },
         "layers": _layer_rows(plans_metadata(plans, shape), shape),
         "ppl": ppl,
+        **({"search": {"iterations": search_log}} if search_log is not None else {}),
         "timings": clock.spans,
         "config": {
             **cfg.to_dict(),
@@ -295,6 +306,57 @@ def _run(
     (tmp / RESULT).write_text(json.dumps(data, indent=2))
     _finish_out(tmp, out)
     return Result(out, data)
+
+
+def _search(cfg: PruneConfig, model, spec, shape, calib: torch.Tensor, workdir: Path):
+    """The global search (--method tyr); stage sizes are clipped to the calibration pool."""
+    if cfg.solver != "obs":
+        raise UserError(
+            f"solver={cfg.solver} is only for --method uniform", "drop it or use --method uniform"
+        )
+    pool = calib.numel()
+    stages = int_list(cfg.stage_tokens)
+    if max(stages) > pool:
+        log.warning("selection stages %s exceed the %d calibration tokens; clipping", stages, pool)
+        stages = tuple(min(s, pool) for s in stages)
+    assert cfg.iterations and cfg.generations and cfg.offspring and cfg.kl_topk
+    opt = SearchOptions(
+        iterations=cfg.iterations,
+        generations=cfg.generations,
+        offspring=cfg.offspring,
+        stage_tokens=stages,
+        survivors=int_list(cfg.survivors),
+        levels=cfg.levels,
+        kl_topk=cfg.kl_topk,
+        seed=cfg.seed,
+        supernet=SupernetOptions(
+            saliency=cfg.saliency,
+            schedule=cfg.schedule,
+            gqa=cfg.gqa,
+            damp=cfg.damp,
+            accumulation=cfg.accumulation,
+        ),
+    )
+    identity = {
+        "model": fingerprint(model),
+        "calib": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
+        "sparsity": cfg.sparsity,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+    }
+    return search_prune(
+        model,
+        spec,
+        shape,
+        cfg.sparsity,
+        calib,
+        opt,
+        workdir,
+        identity,
+        device=cfg.device,
+        batch_size=cfg.batch_size or 8,
+        offload=cfg.offload,
+    )
 
 
 def _device_name(device: str) -> str:

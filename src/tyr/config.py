@@ -15,16 +15,50 @@ from tyr.errors import UserError
 
 __all__ = ["PruneConfig", "PRESETS", "load_config_file", "parse_set", "resolve_preset"]
 
-METHODS = ("uniform",)
+METHODS = ("tyr", "uniform")
 PRESET_NAMES = ("auto", "smoke", "quick", "paper")
 
 # Data sizes per preset. `quick` is sized so that the embedded 135M model finishes on 2 CPU
 # cores in a few minutes; `paper` is the paper's protocol (clipped to what the source holds).
-PRESETS: dict[str, dict[str, int]] = {
-    "smoke": {"calib_tokens": 2048, "seq_len": 256, "eval_tokens": 2048, "batch_size": 8},
-    "quick": {"calib_tokens": 32768, "seq_len": 512, "eval_tokens": 32768, "batch_size": 8},
-    "paper": {"calib_tokens": 4_194_304, "seq_len": 4096, "eval_tokens": 4_194_304, "batch_size": 1},
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "calib_tokens": 2048,
+        "seq_len": 256,
+        "eval_tokens": 2048,
+        "batch_size": 8,
+        "iterations": 1,
+        "generations": 2,
+        "offspring": 4,
+        "stage_tokens": "256,512",
+        "survivors": "2,1",
+        "kl_topk": 64,
+    },
+    "quick": {
+        "calib_tokens": 32768,
+        "seq_len": 512,
+        "eval_tokens": 32768,
+        "batch_size": 8,
+        "iterations": 4,
+        "generations": 4,
+        "offspring": 16,
+        "stage_tokens": "512,2048,8192",
+        "survivors": "4,2,1",
+        "kl_topk": 256,
+    },
+    "paper": {
+        "calib_tokens": 4_194_304,
+        "seq_len": 4096,
+        "eval_tokens": 4_194_304,
+        "batch_size": 1,
+        "iterations": 4,
+        "generations": 50,
+        "offspring": 128,
+        "stage_tokens": "2048,16384,131072",
+        "survivors": "16,4,1",
+        "kl_topk": 8192,
+    },
 }
+DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
 
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -36,7 +70,9 @@ class PruneConfig:
     sparsity: float = field(metadata=_meta("fraction of decoder-block parameters to remove, in (0, 1)"))
     out: str = field(metadata=_meta("output directory"))
     model: str | None = field(default=None, metadata=_meta("hub id, HF directory or .gguf; None = embedded"))
-    method: str = field(default="uniform", metadata=_meta("layer-wise allocation", METHODS))
+    method: str = field(
+        default="tyr", metadata=_meta("tyr = global search; uniform = same fraction per block", METHODS)
+    )
     preset: str = field(default="auto", metadata=_meta("data sizes", PRESET_NAMES))
     calib: str = field(default="wiki", metadata=_meta("calibration source"))
     calib_tokens: int | None = field(default=None, metadata=_meta("calibration tokens"))
@@ -47,6 +83,19 @@ class PruneConfig:
     eval_data: str = field(default="wiki:heldout", metadata=_meta("held-out perplexity source"))
     eval_tokens: int | None = field(default=None, metadata=_meta("held-out perplexity tokens"))
     no_eval: bool = field(default=False, metadata=_meta("skip perplexity"))
+    iterations: int | None = field(default=None, metadata=_meta("coarse-to-fine search iterations"))
+    generations: int | None = field(default=None, metadata=_meta("generations per iteration"))
+    offspring: int | None = field(default=None, metadata=_meta("offspring per generation (λ)"))
+    stage_tokens: str | None = field(
+        default=None, metadata=_meta("selection tokens per stage, e.g. 512,2048,8192")
+    )
+    survivors: str | None = field(default=None, metadata=_meta("survivors per stage, e.g. 4,2,1"))
+    levels: int = field(default=9, metadata=_meta("candidates per sub-layer (odd)"))
+    kl_topk: int | None = field(default=None, metadata=_meta("teacher logits kept per position"))
+    accumulation: str = field(
+        default="expectation",
+        metadata=_meta("error accumulation in the supernet", ("expectation", "centre", "none")),
+    )
     saliency: str = field(default="obs_block", metadata=_meta("group saliency", ("obs_block", "paper")))
     schedule: str = field(default="rounds", metadata=_meta("FFN removal schedule", ("rounds", "per_step")))
     gqa: str = field(default="free", metadata=_meta("GQA head structure", ("free", "uniform")))
@@ -72,10 +121,26 @@ class PruneConfig:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise UserError(f"{f.name}={value!r} is not valid", f"choose one of {', '.join(choices)}")
-        for key in ("calib_tokens", "seq_len", "eval_tokens", "batch_size"):
+        for key in (
+            "calib_tokens",
+            "seq_len",
+            "eval_tokens",
+            "batch_size",
+            "iterations",
+            "generations",
+            "offspring",
+            "kl_topk",
+        ):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise UserError(f"{key}={value} must be positive", "give a positive integer")
+        if self.levels < 1 or self.levels % 2 == 0:
+            raise UserError(f"levels={self.levels} must be odd and positive", "the default is 9")
+        stages = [_int_list("stage_tokens", self.stage_tokens), _int_list("survivors", self.survivors)]
+        if all(x is not None for x in stages) and len(stages[0] or ()) != len(stages[1] or ()):
+            raise UserError(
+                "stage_tokens and survivors need the same number of entries", "e.g. 512,2048 and 4,1"
+            )
         if not self.damp > 0:
             raise UserError(f"damp={self.damp} must be positive", "the default is 0.01")
 
@@ -95,6 +160,27 @@ class PruneConfig:
                 files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
                 keep[key + "_files"] = [(q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in files]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _int_list(key: str, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(x) for x in str(value).replace(" ", "").split(","))
+    except ValueError as exc:
+        raise UserError(
+            f"{key}={value!r} is not a comma-separated list of integers", "e.g. 512,2048,8192"
+        ) from exc
+    if not out or any(x <= 0 for x in out):
+        raise UserError(f"{key}={value!r} needs positive integers", "e.g. 512,2048,8192")
+    return out
+
+
+def int_list(value: str | None) -> tuple[int, ...]:
+    """A validated comma-separated list of positive integers (stage_tokens, survivors)."""
+    out = _int_list("value", value)
+    assert out is not None
+    return out
 
 
 def _field_types() -> dict[str, Any]:

@@ -1,0 +1,200 @@
+"""Týr-the-Pruner: supernet → evolutionary search → re-centre, coarse to fine (ALGORITHM.md §1, §8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tyr.arch import ArchSpec, Shape
+from tyr.gqa import layout, round_half_up, spread
+from tyr.modeling import LayerPlan
+from tyr.search.evolution import Generation, evolve
+from tyr.search.fitness import KLFitness, LiveModel, TeacherCache
+from tyr.search.space import KINDS, Gene, Genome, Space, ffn_step_floor, level_range, step_units
+from tyr.stream import capture
+from tyr.supernet import Candidate, Store, SubLayer, SupernetOptions, build
+
+__all__ = ["SearchOptions", "search_prune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    iterations: int = 4
+    generations: int = 50
+    offspring: int = 128
+    stage_tokens: tuple[int, ...] = (2048, 16384, 131072)
+    survivors: tuple[int, ...] = (16, 4, 1)
+    levels: int = 9
+    kl_topk: int = 8192
+    seed: int = 0
+    gqa_budget_tol: float = 0.005  # of L·P_A, real parameters (§3.5)
+    supernet: SupernetOptions = SupernetOptions()
+
+
+def _sublayers(
+    shape: Shape, centres: dict[Gene, int], steps: dict[str, int], half: int
+) -> dict[Gene, SubLayer]:
+    n = {"attn": shape.n_q, "mlp": shape.intermediate}
+    out = {}
+    for gene, c in centres.items():
+        lo, hi = level_range(c, steps[gene.kind], n[gene.kind], half)
+        out[gene] = SubLayer(gene, n[gene.kind], c, steps[gene.kind], lo, hi)
+    return out
+
+
+def _space(
+    genes: list[Gene],
+    subs: dict[Gene, SubLayer],
+    cands: dict[Gene, list[Candidate]],
+    target: float,
+    tol: float,
+) -> Space:
+    """Levels per gene, Σ k = 0 per kind, and the real-parameter attention guard (§3.5)."""
+    removed = {g: {c.level: c.removed_params for c in cands[g]} for g in genes if g.kind == "attn"}
+    attn = [i for i, g in enumerate(genes) if g.kind == "attn"]
+
+    def deviation(genome: Genome) -> float:
+        return abs(sum(removed[genes[i]][genome[i]] for i in attn) - target)
+
+    limit = max(tol, deviation((0,) * len(genes)))
+    return Space(
+        tuple(genes),
+        tuple(subs[g].low for g in genes),
+        tuple(subs[g].high for g in genes),
+        lambda genome: deviation(genome) <= limit,
+    )
+
+
+def search_prune(
+    model: nn.Module,
+    spec: ArchSpec,
+    shape: Shape,
+    sparsity: float,
+    calib: Tensor,
+    opt: SearchOptions,
+    workdir: Path,
+    identity: dict[str, Any],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    offload: str = "cpu",
+) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
+    """The global search; returns the per-block plans of the final genome and the search log."""
+    S, L = Fraction(str(sparsity)), shape.n_layers
+    genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
+    U = {"attn": round_half_up(S * shape.n_q * L), "mlp": round_half_up(S * shape.intermediate * L)}
+    spreads = {kind: spread(U[kind], L) for kind in KINDS}
+    centres = {g: spreads[g.kind][g.block] for g in genes}
+    P_A = shape.attn_params(shape.n_q, shape.n_kv)
+    target_attn = float(U["attn"] * Fraction(P_A, shape.n_q))  # real parameters
+    tol = opt.gqa_budget_tol * L * P_A
+    teacher = TeacherCache(
+        workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
+    )
+    batches = list(calib.split(batch_size))
+    log_rows: list[dict[str, Any]] = []
+    best: Genome = (0,) * len(genes)
+    cands: dict[Gene, list[Candidate]] = {}
+    store: Store | None = None
+    for t in range(1, opt.iterations + 1):
+        start = time.perf_counter()
+        steps = {
+            "attn": step_units(shape.n_q, t, 1),
+            "mlp": step_units(shape.intermediate, t, ffn_step_floor(shape.intermediate)),
+        }
+        subs = _sublayers(shape, centres, steps, opt.levels // 2)
+        ident = {
+            **identity,
+            "iteration": t,
+            "steps": steps,
+            "centres": [centres[g] for g in genes],
+            "supernet": asdict(opt.supernet),
+        }
+        store = Store(workdir / "supernet", t, ident)
+        built = time.perf_counter()
+        inputs = capture(model, spec, batches, device, offload, workdir)
+        try:
+            cands = build(
+                model,
+                spec,
+                shape,
+                inputs,
+                subs,
+                store,
+                opt.supernet,
+                device,
+                desc=f"supernet {t}/{opt.iterations}",
+            )
+        finally:
+            inputs.close()
+        built = time.perf_counter() - built
+
+        saved = store.dir / "search.json"
+        if saved.is_file():  # this iteration's search finished before: reuse its result
+            done = json.loads(saved.read_text())
+            best, fitness_log = tuple(done["genome"]), done["parent_fitness"]
+        else:
+            space = _space(genes, subs, cands, target_attn, tol)
+            live = LiveModel(model, spec, shape, genes, cands, store)
+            fitness = KLFitness(
+                live, calib, teacher, opt.stage_tokens, random.Random(f"{opt.seed}-{t}-batches"), batch_size
+            )
+            bar = tqdm(total=opt.generations, desc=f"search {t}/{opt.iterations}", unit="gen")
+            fitness_log = []
+
+            def progress(gen: int, record: Generation, bar=bar, fitness_log=fitness_log) -> None:
+                fitness_log.append(record.parent_fitness)
+                bar.set_postfix(kl=f"{record.parent_fitness:.4f}")
+                bar.update()
+
+            best, _ = evolve(
+                space,
+                fitness,
+                random.Random(f"{opt.seed}-{t}"),
+                generations=opt.generations,
+                offspring_count=opt.offspring,
+                survivors=opt.survivors,
+                on_generation=progress,
+            )
+            bar.close()
+            del live
+            saved.write_text(json.dumps({"genome": list(best), "parent_fitness": fitness_log}))
+        log_rows.append(
+            {
+                "step_attn": steps["attn"],
+                "step_mlp": steps["mlp"],
+                "centres": [centres[g] for g in genes],
+                "genome": list(best),
+                "parent_fitness": fitness_log,
+                "seconds": round(time.perf_counter() - start, 1),
+                "supernet_seconds": round(built, 1),
+            }
+        )
+        log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
+        if t < opt.iterations:
+            centres = {g: centres[g] + k * steps[g.kind] for g, k in zip(genes, best, strict=True)}
+
+    assert store is not None
+    plans: list[LayerPlan | None] = []
+    chosen = {g: next(c for c in cands[g] if c.level == k) for g, k in zip(genes, best, strict=True)}
+    for b in range(L):
+        a, m = chosen[Gene(b, "attn")], chosen[Gene(b, "mlp")]
+        heads = layout(a.kept, shape.n_q, shape.n_kv)
+        plans.append(LayerPlan(heads, m.kept, store.weight(a).clone(), store.weight(m).clone()))
+    return plans, log_rows
+
+
+def _vocab(model: nn.Module) -> int:
+    config: Any = model.config
+    return int(config.vocab_size)

@@ -1,0 +1,197 @@
+"""Fitness of a genome: KL(teacher ‖ student) over the dense teacher's top-k logits (ALGORITHM.md
+§7.5, §7.6), evaluated on a physically sliced model that reloads only the changed sub-layers
+(§7.8 levers 1, 2, 4)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tyr import arch
+from tyr.arch import ArchSpec, Shape
+from tyr.gqa import layout
+from tyr.search.space import Gene, Genome
+from tyr.supernet import Candidate, Store
+
+__all__ = ["topk_kl", "TeacherCache", "LiveModel", "KLFitness"]
+
+
+def topk_kl(student: Tensor, t_vals: Tensor, t_idx: Tensor) -> tuple[float, int]:
+    """Σ_t KL_t and the position count, both distributions renormalised over the teacher's top-k.
+
+    student: [B, T, V] or [B, T, k] already gathered (gathered when its last dim ≠ V);
+    t_vals / t_idx: [B, T, k]. The last position of each sequence is dropped.
+    """
+    s = student.float()
+    if s.shape[-1] != t_idx.shape[-1]:
+        s = s.gather(-1, t_idx.long())
+    lt = torch.log_softmax(t_vals.float(), dim=-1)[:, :-1]
+    ls = torch.log_softmax(s, dim=-1)[:, :-1]
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    return float(kl.sum()), kl.numel()
+
+
+class TeacherCache:
+    """Top-k logits of the dense model for each calibration sequence, in memory-mapped files,
+    computed the first time a sequence is drawn; a persisted bitmap makes restarts reuse it."""
+
+    def __init__(self, root: Path, n_seq: int, seq_len: int, k: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.k = root, k
+        meta = {"n_seq": n_seq, "seq_len": seq_len, "k": k}
+        meta_path = root / "meta.json"
+        fresh = not meta_path.is_file() or json.loads(meta_path.read_text()) != meta
+        mode: Literal["w+", "r+"] = "w+" if fresh else "r+"
+        self.values = np.memmap(root / "values.f32", dtype=np.float32, mode=mode, shape=(n_seq, seq_len, k))
+        self.index = np.memmap(root / "index.i32", dtype=np.int32, mode=mode, shape=(n_seq, seq_len, k))
+        self._filled_path = root / "filled.npy"
+        self.filled = np.zeros(n_seq, dtype=bool) if fresh else np.load(self._filled_path)
+        if fresh:
+            meta_path.write_text(json.dumps(meta))
+            self._save_filled()
+
+    def _save_filled(self) -> None:
+        tmp = self.root / f"filled.tmp{os.getpid()}.npy"
+        np.save(tmp, self.filled)
+        os.replace(tmp, self._filled_path)
+
+    def get(self, rows: Sequence[int], teacher_logits) -> tuple[Tensor, Tensor]:
+        """[len(rows), T, k] values and indices; `teacher_logits(rows)` → [n, T, V] for the missing ones."""
+        missing = [r for r in rows if not self.filled[r]]
+        if missing:
+            for r in missing:  # one sequence at a time: [T, V] fp32 logits, never [n, T, V]
+                vals, idx = teacher_logits([r]).float().topk(self.k, dim=-1)
+                self.values[r] = vals[0].cpu().numpy()
+                self.index[r] = idx[0].to(torch.int32).cpu().numpy()
+            self.values.flush()
+            self.index.flush()
+            self.filled[missing] = True
+            self._save_filled()
+        return torch.from_numpy(np.asarray(self.values[list(rows)])), torch.from_numpy(
+            np.asarray(self.index[list(rows)])
+        )
+
+
+class LiveModel:
+    """A copy of the dense model whose sub-layers are the supernet candidates of a genome,
+    physically sliced; applying a genome reloads only the sub-layers whose level changed."""
+
+    def __init__(
+        self,
+        dense: nn.Module,
+        spec: ArchSpec,
+        shape: Shape,
+        genes: Sequence[Gene],
+        candidates: dict[Gene, list[Candidate]],
+        store: Store,
+    ) -> None:
+        from tyr.modeling import set_attention, set_mlp
+
+        self._set_attention, self._set_mlp = set_attention, set_mlp
+        self.dense, self.spec, self.shape, self.genes, self.store = dense, spec, shape, tuple(genes), store
+        self.by_level = {g: {c.level: c for c in candidates[g]} for g in self.genes}
+        self.model = copy.deepcopy(dense).eval()
+        self.loaded: dict[Gene, int] = {}
+        self.reloads = 0
+
+    def apply(self, genome: Genome) -> nn.Module:
+        dense_layers, live_layers = arch.layers(self.dense, self.spec), arch.layers(self.model, self.spec)
+        for gene, level in zip(self.genes, genome, strict=True):
+            if self.loaded.get(gene) == level:
+                continue
+            cand = self.by_level[gene][level]
+            weight = self.store.weight(cand)
+            b = gene.block
+            if gene.kind == "attn":
+                heads = layout(cand.kept, self.shape.n_q, self.shape.n_kv)
+                dense_parts = arch.attention_parts(dense_layers[b], self.spec)
+                self._set_attention(live_layers[b], self.spec, self.shape, b, dense_parts, heads, weight)
+            else:
+                self._set_mlp(
+                    live_layers[b], self.spec, arch.mlp_parts(dense_layers[b], self.spec), cand.kept, weight
+                )
+            self.loaded[gene] = level
+            self.reloads += 1
+        return self.model
+
+
+def _final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor) -> Tensor:
+    base = arch.get_module(model, spec.layers.rpartition(".")[0])
+    return base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _gathered_logits(
+    model: nn.Module, spec: ArchSpec, ids: Tensor, t_idx: Tensor, chunk: int = 128
+) -> Tensor:
+    """Student logits at the teacher's top-k indices, [B, T, k] fp32, in position chunks so that
+    [T, V] fp32 never exists at once (§7.5)."""
+    head = arch.get_module(model, spec.lm_head)
+    h = _final_hidden(model, spec, ids)
+    parts = [
+        head(h[:, s : s + chunk]).float().gather(-1, t_idx[:, s : s + chunk].to(h.device).long())
+        for s in range(0, h.shape[1], chunk)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+class KLFitness:
+    """fitness(stage, genomes): each call draws a fresh minibatch of distinct calibration
+    sequences, shared by all genomes of the call, and returns the token-weighted mean top-k KL."""
+
+    def __init__(
+        self,
+        live: LiveModel,
+        calib: Tensor,
+        teacher: TeacherCache,
+        stage_tokens: Sequence[int],
+        rng: random.Random,
+        batch_size: int = 8,
+    ) -> None:
+        self.live, self.calib, self.teacher = live, calib, teacher
+        self.stage_tokens, self.rng, self.batch_size = tuple(stage_tokens), rng, batch_size
+        self.tokens_evaluated = 0
+
+    def _teacher_logits(self, rows: Sequence[int]) -> Tensor:
+        with torch.inference_mode():
+            return self.live.dense(self.calib[list(rows)], use_cache=False).logits
+
+    def minibatch(self, tokens: int) -> tuple[list[int], int]:
+        """Distinct random sequences until `tokens`; the last one truncated: (rows, its length)."""
+        n_seq, L = self.calib.shape
+        need = min(n_seq, -(-tokens // L))
+        rows = self.rng.sample(range(n_seq), need)
+        last = tokens - (need - 1) * L if tokens < n_seq * L else L
+        return rows, max(2, min(L, last))
+
+    @torch.inference_mode()
+    def __call__(self, stage: int, genomes: Sequence[Genome]) -> list[float]:
+        rows, last = self.minibatch(self.stage_tokens[stage])
+        vals, idx = self.teacher.get(rows, self._teacher_logits)
+        out = []
+        for genome in genomes:
+            model = self.live.apply(genome)
+            total, count = 0.0, 0
+            for s in range(0, len(rows), self.batch_size):
+                ids = self.calib[rows[s : s + self.batch_size]]
+                v, i = vals[s : s + self.batch_size], idx[s : s + self.batch_size]
+                if s + self.batch_size >= len(rows):  # the batch holding the truncated last sequence
+                    full, tail = ids[:-1], ids[-1:, :last]
+                    for part, pv, pi in ((full, v[:-1], i[:-1]), (tail, v[-1:, :last], i[-1:, :last])):
+                        if part.shape[0]:
+                            kl, n = topk_kl(_gathered_logits(model, self.live.spec, part, pi), pv, pi)
+                            total, count = total + kl, count + n
+                else:
+                    kl, n = topk_kl(_gathered_logits(model, self.live.spec, ids, i), v, i)
+                    total, count = total + kl, count + n
+            self.tokens_evaluated += (len(rows) - 1) * self.calib.shape[1] + last
+            out.append(total / max(count, 1))
+        return out

@@ -117,6 +117,7 @@ class OBSState:
     W: Tensor  # [d_in, d_out]
     Hinv: Tensor  # [d_in, d_in]
     removed: Tensor  # bool [d_in]
+    rounds: int = 0
 
     @classmethod
     def start(cls, problem: Problem) -> OBSState:
@@ -176,13 +177,17 @@ def obs_remove(state: OBSState, rows: Tensor) -> None:
     L = _cholesky(Hpp, max(float(Hpp.diagonal().mean()) * 1e-10, _TINY))
     MW = torch.cholesky_solve(state.W[rows], L)  # M·W_P
     MHt = torch.cholesky_solve(Hp.T.contiguous(), L)  # M·(H⁻¹)_{P,:}
-    state.W -= Hp @ MW
+    state.W.addmm_(Hp, MW, alpha=-1)
     state.W[rows] = 0
-    state.Hinv -= Hp @ MHt
+    state.Hinv.addmm_(Hp, MHt, alpha=-1)
     state.Hinv[rows] = 0
     state.Hinv[:, rows] = 0
-    state.Hinv = 0.5 * (state.Hinv + state.Hinv.T)
     state.removed[rows] = True
+    # The downdate is symmetric in exact arithmetic; rounding drift is symmetrised away every
+    # 4 rounds (every round costs half the solve time on CPU for no measurable change in fp64).
+    state.rounds += 1
+    if state.rounds % 4 == 0:
+        state.Hinv = 0.5 * (state.Hinv + state.Hinv.T)
 
 
 def schedule_steps(r: int, schedule: str, rounds: int = 16, per_step: int = 16) -> list[int]:
@@ -241,10 +246,14 @@ def refit(problem: Problem, kept_rows: Tensor) -> Tensor:
 
 
 def rel_error(problem: Problem, W_hat: Tensor) -> float:
-    """ε = ⟨Ŵ−W, H_d(Ŵ−W)⟩ / ⟨W, H_d W⟩ (0 for an unchanged weight, 1-ish for a removed one)."""
-    D = W_hat - problem.W
-    den = float((problem.W * (problem.Hd @ problem.W)).sum())
-    return float((D * (problem.Hd @ D)).sum()) / den if den > 0 else 0.0
+    """ε = ⟨Ŵ−W, H_d(Ŵ−W)⟩ / ⟨W, H_d W⟩ (0 for an unchanged weight, 1-ish for a removed one).
+
+    With G = H_d·W: ⟨D, H_d D⟩ = ⟨Ŵ, H_d Ŵ⟩ − 2⟨Ŵ, G⟩ + ⟨W, G⟩, one d_in²·d_out product."""
+    den = float((problem.W * problem.G).sum())
+    if den <= 0:
+        return 0.0
+    num = float((W_hat * (problem.Hd @ W_hat)).sum()) - 2 * float((W_hat * problem.G).sum()) + den
+    return max(num, 0.0) / den
 
 
 @dataclass

@@ -97,14 +97,13 @@ def _free(problem: Problem, shape: Shape, target: int, saliency: str, magnitude:
     if magnitude:
         order = magnitude_order(problem.W, shape.head_dim)
     else:
-        groups = group_rows(n, shape.head_dim, problem.W.device)
-        removed_set: set[int] = set()
-
-        def reached(order: list[int]) -> bool:
-            removed_set.update(order)
-            return attn_removed(shape, [h for h in range(n) if h not in removed_set]) >= target
-
-        order = [] if target <= 0 else removal_order(problem, groups, [1] * n, saliency, stop=reached)
+        # One head per step is a deterministic greedy sequence: every target's removal is a
+        # prefix of the full sequence, so the candidates of a sub-layer share it.
+        key = ("free-order", saliency)
+        if key not in problem.memo:
+            groups = group_rows(n, shape.head_dim, problem.W.device)
+            problem.memo[key] = removal_order(problem, groups, [1] * n, saliency)
+        order = problem.memo[key]
     k = _nearest_prefix(shape, order, target)
     gone = set(order[:k])
     kept = torch.tensor([h for h in range(n) if h not in gone], dtype=torch.long)

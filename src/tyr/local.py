@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ class Problem:
     lam: float
     dead: Tensor  # bool [d_in]: H_pp == 0
     _hinv: Tensor | None = None
+    memo: dict = field(default_factory=dict)  # results shared by the candidates of one sub-layer
 
     def hinv(self) -> Tensor:
         """H_d⁻¹, computed once and shared by every candidate of the sub-layer (§5.3)."""

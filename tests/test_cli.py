@@ -89,6 +89,25 @@ def test_search_end_to_end(tiny_dir, calib_txt, tmp_path):
     assert arch.count_block_params(tyr.load(out)) == res["params"]["pruned_block"]
 
 
+def test_search_is_deterministic(tiny_dir, calib_txt, tmp_path):
+    genomes = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        args = [
+            *_args(tiny_dir, calib_txt, out, *SEARCH),
+            "--workdir",
+            str(tmp_path / f"w{run}"),
+            "--no-eval",
+        ]
+        assert main(args) == 0
+        res = json.loads((out / "result.json").read_text())
+        genomes.append([it["genome"] for it in res["search"]["iterations"]])
+        assert (out / "model.safetensors").is_file()
+    assert genomes[0] == genomes[1]
+    a, b = ((tmp_path / r / "model.safetensors").read_bytes() for r in ("a", "b"))
+    assert a == b  # the same seed gives the same exported bytes
+
+
 def test_python_api(tiny_dir, calib_txt, tmp_path):
     r = tyr.prune(
         str(tiny_dir),

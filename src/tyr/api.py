@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tyr import __version__, arch, assets
 from tyr.config import DATA_KEYS, PruneConfig, check_keys, int_list, resolve_preset
 from tyr.data import load_text, token_batches, tokenize
 from tyr.errors import UserError
 from tyr.export import save_pruned, verify_export
-from tyr.modeling import apply_plans, plans_metadata
+from tyr.modeling import LayerPlan, apply_plans, plans_metadata
 from tyr.models import fingerprint, load_weights, open_model
 from tyr.perplexity import perplexity
 from tyr.search.driver import SearchOptions, search_prune
@@ -308,12 +309,15 @@ def _run(
     return Result(out, data)
 
 
-def _search(cfg: PruneConfig, model, spec, shape, calib: torch.Tensor, workdir: Path):
+def _search(
+    cfg: PruneConfig,
+    model: nn.Module,
+    spec: arch.ArchSpec,
+    shape: arch.Shape,
+    calib: torch.Tensor,
+    workdir: Path,
+) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search (--method tyr); stage sizes are clipped to the calibration pool."""
-    if cfg.solver != "obs":
-        raise UserError(
-            f"solver={cfg.solver} is only for --method uniform", "drop it or use --method uniform"
-        )
     pool = calib.numel()
     stages = int_list(cfg.stage_tokens)
     if max(stages) > pool:

@@ -134,6 +134,10 @@ class PruneConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise UserError(f"{key}={value} must be positive", "give a positive integer")
+        if self.method == "tyr" and self.solver != "obs":
+            raise UserError(
+                f"solver={self.solver} is only for --method uniform", "drop it or add --method uniform"
+            )
         if self.levels < 1 or self.levels % 2 == 0:
             raise UserError(f"levels={self.levels} must be odd and positive", "the default is 9")
         stages = [_int_list("stage_tokens", self.stage_tokens), _int_list("survivors", self.survivors)]

@@ -142,6 +142,16 @@ class Store:
                 return None
         return cands
 
+    def load_all(self, genes: list[Gene]) -> dict[Gene, list[Candidate]] | None:
+        """Every gene's verified candidates when the whole iteration is finished, else None."""
+        out = {}
+        for gene in genes:
+            cands = self.finished(gene)
+            if cands is None:
+                return None
+            out[gene] = cands
+        return out
+
     def save(self, gene: Gene, cands: list[Candidate]) -> None:
         folder = self.dir / self.key(gene)
         folder.mkdir(exist_ok=True)

@@ -123,21 +123,25 @@ def search_prune(
         }
         store = Store(workdir / "supernet", t, ident)
         built = time.perf_counter()
-        inputs = capture(model, spec, batches, device, offload, workdir)
-        try:
-            cands = build(
-                model,
-                spec,
-                shape,
-                inputs,
-                subs,
-                store,
-                opt.supernet,
-                device,
-                desc=f"supernet {t}/{opt.iterations}",
-            )
-        finally:
-            inputs.close()
+        loaded = store.load_all(genes) if (store.dir / "search.json").is_file() else None
+        if loaded is not None:  # a finished iteration: no forward pass needed
+            cands = loaded
+        else:
+            inputs = capture(model, spec, batches, device, offload, workdir)
+            try:
+                cands = build(
+                    model,
+                    spec,
+                    shape,
+                    inputs,
+                    subs,
+                    store,
+                    opt.supernet,
+                    device,
+                    desc=f"supernet {t}/{opt.iterations}",
+                )
+            finally:
+                inputs.close()
         built = time.perf_counter() - built
 
         saved = store.dir / "search.json"

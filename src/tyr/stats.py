@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from tyr.stream import BlockInputs, StopForward, forward_block, to_device
 
-__all__ = ["Gram", "gram_of", "collect_gram"]
+__all__ = ["Gram", "gram_of", "collect_gram", "propagate_mlp"]
 
 
 class Gram:
@@ -70,3 +70,39 @@ def collect_gram(layer: nn.Module, linear: nn.Linear, inputs: BlockInputs, devic
             with contextlib.suppress(StopForward):
                 forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
     return gram
+
+
+def propagate_mlp(
+    layer: nn.Module,
+    down: nn.Linear,
+    inputs: BlockInputs,
+    choose: Callable[[Tensor], Tensor],
+    *,
+    residual: bool,
+    device: str = "cpu",
+) -> None:
+    """Collect down_proj's H under the block's current weights, set down_proj to the weight that
+    `choose(H)` returns, and leave the block's outputs under it in `inputs` (in place).
+
+    For a residual MLP the output is h + z·W_downᵀ, so this pass's outputs plus z·ΔWᵀ are the
+    new outputs (ALGORITHM.md §0 A2): one forward instead of two. Otherwise the block re-runs.
+    """
+    z_store = inputs.hidden.sibling() if residual else None
+    gram = Gram(down.in_features, device=device)
+    with gram_of(down, gram, sink=z_store.append if z_store is not None else None):
+        for i in range(len(inputs)):
+            y = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+            if z_store is not None:
+                inputs.hidden[i] = y
+    new = choose(gram.H).to(down.weight)
+    delta = new - down.weight
+    down.weight.copy_(new)
+    for i in range(len(inputs)):
+        if z_store is not None:
+            inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
+        else:
+            inputs.hidden[i] = forward_block(
+                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
+            )
+    if z_store is not None:
+        z_store.close()

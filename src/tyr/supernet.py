@@ -28,7 +28,7 @@ from tyr.errors import UserError
 from tyr.gqa import attn_removed, layout, prune_attention
 from tyr.local import make_problem, solve_problem
 from tyr.search.space import Gene
-from tyr.stats import Gram, collect_gram, gram_of
+from tyr.stats import collect_gram, propagate_mlp
 from tyr.stream import BlockInputs, forward_block, on_device, to_device
 from tyr.surgery import compact_cols, expand_cols
 
@@ -286,32 +286,22 @@ def build(
                 )
             )
 
-            # Sequential: FFN statistics under A_b's propagation weight; outputs via z·ΔWᵀ (§0 A2).
-            z_store = inputs.hidden.sibling() if spec.mlp_output_is_residual else None
-            gram_f = Gram(m.down.in_features, device=device)
-            with gram_of(m.down, gram_f, sink=z_store.append if z_store is not None else None):
-                for i in range(len(inputs)):
-                    y = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
-                    if z_store is not None:
-                        inputs.hidden[i] = y
-            cands_f = store.finished(gf)
-            if cands_f is None:
-                cands_f = _mlp_candidates(m.down, gram_f.H, shape, sublayers[gf], opt)
-                store.save(gf, cands_f)
-            w_prop = propagation_weight(
-                cands_f, store, dense_down, 1, shape.intermediate, mlp_total, opt.accumulation
-            )
-            delta = w_prop - m.down.weight
-            m.down.weight.copy_(w_prop)
-            for i in range(len(inputs)):
-                if z_store is not None:
-                    inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
-                else:
-                    inputs.hidden[i] = forward_block(
-                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
-                    )
-            if z_store is not None:
-                z_store.close()
+            # Sequential: FFN statistics under A_b's propagation weight (§6.3).
+            found = store.finished(gf)
+            chosen: list[list[Candidate]] = []
+
+            def choose(H: Tensor, m=m, gf=gf, found=found, chosen=chosen, dense_down=dense_down) -> Tensor:
+                cands = found
+                if cands is None:
+                    cands = _mlp_candidates(m.down, H, shape, sublayers[gf], opt)
+                    store.save(gf, cands)
+                chosen.append(cands)
+                return propagation_weight(
+                    cands, store, dense_down, 1, shape.intermediate, mlp_total, opt.accumulation
+                )
+
+            propagate_mlp(layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device)
+            cands_f = chosen[0]
             a.o.weight.copy_(dense_o)
             m.down.weight.copy_(dense_down)
 

@@ -17,8 +17,8 @@ from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout, prune_attention, round_half_up, spread
 from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept, solve
 from tyr.modeling import LayerPlan
-from tyr.stats import Gram, collect_gram, gram_of
-from tyr.stream import BlockInputs, forward_block, on_device, to_device
+from tyr.stats import collect_gram, propagate_mlp
+from tyr.stream import BlockInputs, on_device
 from tyr.surgery import compact_cols
 
 __all__ = ["Allocation", "allocate", "prune_uniform"]
@@ -98,30 +98,15 @@ def prune_uniform(
             )
             a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
 
-            # Pass 2 (sequential): down_proj statistics under the pruned attention. For a
-            # residual MLP the block output is h + z·W_downᵀ, so the outputs of this pass plus
-            # z·ΔWᵀ are the pruned block's outputs (ALGORITHM.md §0 A2); otherwise re-run it.
-            z_store = inputs.hidden.sibling() if spec.mlp_output_is_residual else None
-            gram_f = Gram(m.down.in_features, device=device)
-            with gram_of(m.down, gram_f, sink=z_store.append if z_store is not None else None):
-                for i in range(len(inputs)):
-                    out = forward_block(
-                        layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
-                    )
-                    if z_store is not None:
-                        inputs.hidden[i] = out
-            sol_f = _solve_mlp(m.down.weight.T, gram_f.H, alloc.mlp_neurons[b], opt)
-            new_down = sol_f.weight.T.to(m.down.weight)
-            delta = new_down - m.down.weight
-            m.down.weight.copy_(new_down)
-            for i in range(len(inputs)):
-                if z_store is not None:
-                    inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
-                else:
-                    kwargs = to_device(inputs.kwargs[i], device)
-                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kwargs)
-            if z_store is not None:
-                z_store.close()
+            # Pass 2 (sequential): down_proj statistics under the pruned attention.
+            solved: list[Solution] = []
+
+            def choose(H: Tensor, m=m, b=b, solved=solved) -> Tensor:
+                solved.append(_solve_mlp(m.down.weight.T, H, alloc.mlp_neurons[b], opt))
+                return solved[0].weight.T
+
+            propagate_mlp(layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device)
+            sol_f = solved[0]
         plans.append(
             LayerPlan(
                 heads=heads,

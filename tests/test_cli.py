@@ -88,6 +88,20 @@ def test_search_end_to_end(tiny_dir, calib_txt, tmp_path):
     assert res["timings"]["supernet"] > 0 and res["timings"]["search"] > 0
     assert arch.count_block_params(tyr.load(out)) == res["params"]["pruned_block"]
 
+    # --genome applies a searched genome without searching: the same FFN widths, and attention
+    # within one head (the head realising a nominal count may differ under another calibration).
+    again = tmp_path / "applied"
+    assert main(_args(tiny_dir, calib_txt, again, *SEARCH, "--genome", str(out / "result.json"))) == 0
+    res2 = json.loads((again / "result.json").read_text())
+    assert len(res2["search"]["iterations"]) == 1 and set(res2["search"]["iterations"][0]["genome"]) == {0}
+    assert [r["intermediate"] for r in res2["layers"]] == [r["intermediate"] for r in res["layers"]]
+    assert all(
+        abs(a["q_heads"] - b["q_heads"]) <= 1 for a, b in zip(res["layers"], res2["layers"], strict=True)
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"attn": [1, 2], "mlp": [3, 4]}))
+    assert main(_args(tiny_dir, calib_txt, tmp_path / "x", *SEARCH, "--genome", str(bad))) == 2
+
 
 def test_search_is_deterministic(tiny_dir, calib_txt, tmp_path):
     genomes = []

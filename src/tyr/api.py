@@ -324,13 +324,16 @@ def _search(
         log.warning("selection stages %s exceed the %d calibration tokens; clipping", stages, pool)
         stages = tuple(min(s, pool) for s in stages)
     assert cfg.iterations and cfg.generations and cfg.offspring and cfg.kl_topk
+    centres = _read_genome(cfg.genome, shape) if cfg.genome else None
+    if centres is not None:
+        log.info("applying the genome of %s: one supernet level per sub-layer, no search", cfg.genome)
     opt = SearchOptions(
-        iterations=cfg.iterations,
+        iterations=1 if centres else cfg.iterations,
         generations=cfg.generations,
         offspring=cfg.offspring,
         stage_tokens=stages,
         survivors=int_list(cfg.survivors),
-        levels=cfg.levels,
+        levels=1 if centres else cfg.levels,
         kl_topk=cfg.kl_topk,
         seed=cfg.seed,
         supernet=SupernetOptions(
@@ -360,7 +363,46 @@ def _search(
         device=cfg.device,
         batch_size=cfg.batch_size or 8,
         offload=cfg.offload,
+        centres=centres,
     )
+
+
+def _read_genome(path: str, shape: arch.Shape) -> dict[str, list[int]]:
+    """Units removed per block from `--genome`: {"attn": [...], "mlp": [...]} (attention in query
+    heads), or a tyr result.json (its final search genome, or its per-layer widths)."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read --genome {path}: {exc}", "give a JSON file") from exc
+    L = shape.n_layers
+    if isinstance(data, dict) and data.get("search"):
+        last = data["search"]["iterations"][-1]
+        steps = {"attn": last["step_attn"], "mlp": last["step_mlp"]}
+        counts = [
+            c + k * steps["attn" if i % 2 == 0 else "mlp"]
+            for i, (c, k) in enumerate(zip(last["centres"], last["genome"], strict=True))
+        ]
+        genome = {"attn": counts[0::2], "mlp": counts[1::2]}
+    elif isinstance(data, dict) and data.get("layers"):
+        genome = {
+            "attn": [shape.n_q - r["q_heads"] for r in data["layers"]],
+            "mlp": [shape.intermediate - r["intermediate"] for r in data["layers"]],
+        }
+    else:
+        genome = data
+    ok = isinstance(genome, dict) and all(
+        isinstance(genome.get(k), list)
+        and len(genome[k]) == L
+        and all(isinstance(x, int) and 0 <= x <= n for x in genome[k])
+        for k, n in (("attn", shape.n_q), ("mlp", shape.intermediate))
+    )
+    if not ok:
+        raise UserError(
+            f"--genome {path} is not a genome for this model",
+            f'give {{"attn": [{L} head counts 0..{shape.n_q}], '
+            f'"mlp": [{L} neuron counts 0..{shape.intermediate}]}} or a tyr result.json',
+        )
+    return {"attn": list(genome["attn"]), "mlp": list(genome["mlp"])}
 
 
 def _device_name(device: str) -> str:

@@ -38,6 +38,9 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument("--levels", type=int, help="candidates per sub-layer (odd, default 9)")
     p.add_argument("--kl-topk", type=int, help="teacher logits kept per position")
     p.add_argument("--accumulation", help="expectation (default), centre or none")
+    p.add_argument(
+        "--genome", help="apply a per-sub-layer genome (JSON or a tyr result.json) without searching"
+    )
     p.add_argument("--preset", choices=PRESET_NAMES, help="data sizes (auto: quick under 1B on CPU)")
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of options")
     p.add_argument(

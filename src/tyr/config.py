@@ -96,6 +96,9 @@ class PruneConfig:
         default="expectation",
         metadata=_meta("error accumulation in the supernet", ("expectation", "centre", "none")),
     )
+    genome: str | None = field(
+        default=None, metadata=_meta("apply this per-sub-layer genome (JSON), no search")
+    )
     saliency: str = field(default="obs_block", metadata=_meta("group saliency", ("obs_block", "paper")))
     schedule: str = field(default="rounds", metadata=_meta("FFN removal schedule", ("rounds", "per_step")))
     gqa: str = field(default="free", metadata=_meta("GQA head structure", ("free", "uniform")))

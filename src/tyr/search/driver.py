@@ -89,13 +89,19 @@ def search_prune(
     device: str = "cpu",
     batch_size: int = 8,
     offload: str = "cpu",
+    centres: dict[str, list[int]] | None = None,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
-    """The global search; returns the per-block plans of the final genome and the search log."""
+    """The global search; returns the per-block plans of the final genome and the search log.
+
+    `centres` ({"attn": [...], "mlp": [...]}, units removed per block) replaces the uniform
+    starting point; with one iteration of one level it applies that genome without a search.
+    """
     S, L = Fraction(str(sparsity)), shape.n_layers
     genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
     U = {"attn": round_half_up(S * shape.n_q * L), "mlp": round_half_up(S * shape.intermediate * L)}
     spreads = {kind: spread(U[kind], L) for kind in KINDS}
-    centres = {g: spreads[g.kind][g.block] for g in genes}
+    initial = centres or spreads
+    centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
     P_A = shape.attn_params(shape.n_q, shape.n_kv)
     target_attn = float(U["attn"] * Fraction(P_A, shape.n_q))  # real parameters
     tol = opt.gqa_budget_tol * L * P_A
@@ -113,12 +119,12 @@ def search_prune(
             "attn": step_units(shape.n_q, t, 1),
             "mlp": step_units(shape.intermediate, t, ffn_step_floor(shape.intermediate)),
         }
-        subs = _sublayers(shape, centres, steps, opt.levels // 2)
+        subs = _sublayers(shape, centres_by_gene, steps, opt.levels // 2)
         ident = {
             **identity,
             "iteration": t,
             "steps": steps,
-            "centres": [centres[g] for g in genes],
+            "centres": [centres_by_gene[g] for g in genes],
             "supernet": asdict(opt.supernet),
         }
         store = Store(workdir / "supernet", t, ident)
@@ -178,7 +184,7 @@ def search_prune(
             {
                 "step_attn": steps["attn"],
                 "step_mlp": steps["mlp"],
-                "centres": [centres[g] for g in genes],
+                "centres": [centres_by_gene[g] for g in genes],
                 "genome": list(best),
                 "parent_fitness": fitness_log,
                 "seconds": round(time.perf_counter() - start, 1),
@@ -187,7 +193,9 @@ def search_prune(
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
         if t < opt.iterations:
-            centres = {g: centres[g] + k * steps[g.kind] for g, k in zip(genes, best, strict=True)}
+            centres_by_gene = {
+                g: centres_by_gene[g] + k * steps[g.kind] for g, k in zip(genes, best, strict=True)
+            }
 
     assert store is not None
     plans: list[LayerPlan | None] = []

@@ -20,7 +20,6 @@ class Gram:
         self, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> None:
         self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
-        self.tokens = 0
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
@@ -30,7 +29,6 @@ class Gram:
             self.H.addmm_(x.T, x)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allow
-        self.tokens += x.shape[0]
 
 
 @contextlib.contextmanager

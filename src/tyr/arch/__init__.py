@@ -125,10 +125,6 @@ class Shape:
         d = self.hidden
         return 3 * d * f + 2 * f * self.mlp_bias + d * self.down_bias
 
-    @property
-    def block_params(self) -> int:
-        return self.attn_params(self.n_q, self.n_kv) + self.mlp_params(self.intermediate)
-
 
 def get_module(root: nn.Module, path: str) -> Any:
     obj: Any = root

@@ -47,6 +47,7 @@ def main() -> None:
             out=root / "out" / name,
             workdir=str(root / workdir),
             preset=args.preset,
+            overwrite=True,
             **options,
         )
         assert r.ppl is not None

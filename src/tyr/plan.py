@@ -1,0 +1,558 @@
+"""`tyr plan`: what a prune will produce and cost, estimated from a model's config alone.
+
+Nothing here reads weights or runs a forward pass: the model is built on the meta device,
+counted, and every estimate is arithmetic on its shape and on the resolved preset.
+
+:func:`estimate` returns a JSON-serialisable dict:
+
+- ``model``, ``family``, ``sparsity`` (S, the fraction of decoder-block parameters removed),
+  ``preset`` (resolved: ``auto`` becomes ``quick`` under 1B parameters, ``paper`` otherwise),
+  ``method``, ``dtype``, ``shape`` (layers, hidden, heads, head_dim, intermediate, vocab, tied).
+- ``settings``: the preset's sizes the estimates used (calib_tokens, seq_len, eval_tokens,
+  batch_size, iterations, generations, offspring, stage_tokens, survivors, levels, kl_topk) and
+  ``threads`` (``torch.get_num_threads()``).
+- ``params``: ``dense_total``, ``dense_block``, ``pruned_total``, ``pruned_block``. The pruned
+  counts remove exactly round(S·dense_block) block parameters; embeddings, norms and the
+  lm_head are kept; a tied lm_head counts once.
+- ``disk_bytes``: ``dense``, ``pruned``: parameters × 4 (float32) or 2 (bfloat16) bytes.
+- ``ideal_speedup``: ``decode`` = dense ÷ pruned bytes of weights read per generated token
+  (every weight once, one row of the input embedding, the whole lm_head even when tied);
+  ``prefill`` = dense ÷ pruned FLOPs per prompt token at the preset's seq_len (2 FLOPs per
+  multiply-add of every linear including the lm_head, plus causal attention scores and values;
+  query heads assumed to shrink with the block parameters). Memory-bound and compute-bound
+  limits; real kernels get less.
+- ``supernet_bytes``: one iteration's supernet on disk (the first, widest-step one; 0 for
+  ``uniform``): for each sub-layer and level, the compact o_proj / down_proj weight in the
+  model dtype plus int32 index lists. ``workdir_bytes``: the whole work directory (every
+  iteration's supernet is kept for resuming, plus the teacher cache).
+- ``teacher_cache_bytes``: calib_tokens × min(kl_topk, vocab) × (4 B value + 4 B index);
+  0 for ``uniform`` (no search, no teacher).
+- ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune,
+  search or eval), activations kept in memory (``--offload cpu``, the default).
+- ``runtime_s``: ``prune`` (the uniform local-pruning pass; 0 for ``tyr``), ``supernet``,
+  ``search``, ``eval`` (dense and pruned perplexity), ``total``; ``runtime_basis`` says how.
+
+Run time is a CPU estimate: work in FLOP units divided by a rate measured on a reference run
+(see :data:`REFERENCE`), scaled linearly with ``torch.get_num_threads()``. Forward passes cost
+their FLOPs at :data:`FORWARD_FLOPS_PER_S_2T`; the local pruner's per-candidate solve (OBS
+removal rounds and refit on a Hessian of side n_in) costs :data:`LOCAL_SOLVE_FACTOR` ×
+(n_in³ + n_in²·hidden) FLOP units, the one constant fitted to the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tyr import arch
+from tyr.arch import Shape
+from tyr.config import PruneConfig, int_list, resolve_preset
+from tyr.errors import UserError
+from tyr.gqa import round_half_up, spread
+from tyr.report import fmt_bytes, fmt_params
+from tyr.search.space import ffn_step_floor, level_range, step_units
+
+__all__ = [
+    "Dims",
+    "Settings",
+    "REFERENCE",
+    "FORWARD_FLOPS_PER_S_2T",
+    "LOCAL_SOLVE_FACTOR",
+    "load_config",
+    "dims_of",
+    "estimate",
+    "format_plan",
+]
+
+# Measured reference (2 CPU cores, embedded SmolLM2-135M: 30 layers, hidden 576, 9 q / 3 KV
+# heads, head_dim 64, intermediate 1536, vocab 49152, tied; S = 0.5, preset quick, method tyr).
+REFERENCE: dict[str, float] = {
+    "threads": 2,
+    "supernet_s": 783.0,  # 4 supernet builds
+    "search_s": 740.0,  # 4 × 4 generations of search, teacher cache fill included
+    "dense_forward_8x512_s": 12.0,  # one dense forward of 8 × 512 tokens (cross-check only)
+    "uniform_total_s": 176.0,  # uniform 50 %, end to end (cross-check only)
+}
+# Forward FLOP rate on 2 threads: the reference search's forward FLOPs (655,360 student tokens
+# plus 32,768 teacher tokens, 85.0 TFLOP) ÷ 740 s. The single dense forward of 8×512 tokens
+# implies 98 GFLOP/s (1.17 TFLOP in ≈ 12 s), 15 % lower: it also writes [8, 512, 49152] logits.
+FORWARD_FLOPS_PER_S_2T = 1.148e11
+# FLOP units per (n_in³ + n_in²·hidden) of one candidate's local solve, fitted so that the
+# reference's 4 supernet builds take 783 s: 565 s of streaming (forwards, Gram matrices,
+# residual updates) at the forward rate leave 217 s for 4 × 540 candidate solves. Above 1
+# because the solver runs in fp64 on the CPU, in 16 removal rounds of small factorizations.
+LOCAL_SOLVE_FACTOR = 4.31
+
+RUNTIME_OVERHEAD_BYTES = 1_000_000_000  # Python, torch and transformers, resident
+LOGIT_CHUNK = 256  # positions per fp32 logits chunk in the perplexity (tyr.perplexity.nll_sum)
+SAFETENSORS_HEADER_BYTES = 256  # JSON header of one candidate file, approximately
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the estimates need from a model, counted on its meta-device instance."""
+
+    family: str  # the ArchSpec name
+    shape: Shape
+    vocab: int
+    tied: bool
+    total: int  # all distinct parameters (a tied lm_head once)
+    block: int  # P_blk: weights and biases of q, k, v, o, gate, up, down
+    embed: int  # input embedding parameters
+    head: int  # lm_head parameters (its matrix is read in full per token, tied or not)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved sizes of a run that the estimates depend on."""
+
+    calib_tokens: int
+    seq_len: int
+    eval_tokens: int
+    batch_size: int
+    iterations: int
+    generations: int
+    offspring: int
+    stage_tokens: tuple[int, ...]
+    survivors: tuple[int, ...]
+    levels: int
+    kl_topk: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: a config, never weights.
+
+
+def _config_from_json(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", "point at a model's config.json") from exc
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserError(f"{path} has no model_type", "point at a Hugging Face model's config.json")
+    data = dict(data)
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"{path}: unknown model_type {model_type!r}", "tyr supports: " + arch.supported()
+        ) from exc
+
+
+def load_config(model: str | None) -> tuple[Any, str]:
+    """(transformers config, display name) of the embedded default (None), a directory holding
+    config.json (weights optional), a config.json file, or anything `tyr prune` accepts."""
+    from tyr.models import DEFAULT_MODEL, open_model
+
+    if model is None:
+        return open_model(None).config, DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return _config_from_json(path), model
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model} has no config.json", "point at a Hugging Face model directory")
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(path), model
+        except (OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot read the config in {model}: {first}", "check config.json") from exc
+    return open_model(model).config, model  # a hub id or a .gguf file; raises UserError
+
+
+def dims_of(config: Any) -> Dims:
+    """Count a supported model's parameters on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = arch.spec_for_config(config)  # UserError for an unsupported family
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embed = model.get_input_embeddings().weight
+    head = arch.get_module(model, spec.lm_head)
+    head_params = head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)
+    return Dims(
+        family=spec.name,
+        shape=arch.shape_of(model, spec),
+        vocab=int(embed.shape[0]),
+        tied=head.weight is embed,
+        total=arch.count_total_params(model),
+        block=arch.count_block_params(model, spec),
+        embed=embed.numel(),
+        head=head_params,
+    )
+
+
+def _settings(cfg: PruneConfig) -> Settings:
+    """The sizes of a PruneConfig whose preset is resolved (every size set)."""
+
+    def need(value: int | None) -> int:
+        assert value is not None, "resolve_preset fills every size"
+        return int(value)
+
+    return Settings(
+        calib_tokens=need(cfg.calib_tokens),
+        seq_len=need(cfg.seq_len),
+        eval_tokens=need(cfg.eval_tokens),
+        batch_size=need(cfg.batch_size),
+        iterations=need(cfg.iterations),
+        generations=need(cfg.generations),
+        offspring=need(cfg.offspring),
+        stage_tokens=int_list(cfg.stage_tokens),
+        survivors=int_list(cfg.survivors),
+        levels=cfg.levels,
+        kl_topk=need(cfg.kl_topk),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, bytes, FLOPs.
+
+
+def pruned_block(dims: Dims, sparsity: float) -> int:
+    """Block parameters left after removing exactly S of them."""
+    return dims.block - round(sparsity * dims.block)
+
+
+def attention_score_flops(shape: Shape, seq_len: int) -> float:
+    """FLOPs per token of QKᵀ and A·V: 2 matmuls × 2 FLOPs × n_q·head_dim per key, over T/2
+    keys on average in a causal prompt of T tokens, in every layer."""
+    return shape.n_layers * 2 * 2 * shape.n_q * shape.head_dim * seq_len / 2
+
+
+def forward_flops(dims: Dims, seq_len: int, kept: float = 1.0, head_rows: int | None = None) -> float:
+    """FLOPs per token of one forward pass keeping the fraction `kept` of the block parameters
+    (and of the query heads); `head_rows` = only that many lm_head rows are multiplied (the
+    search's gathered top-k logits), None = the whole lm_head."""
+    head = dims.head if head_rows is None else head_rows * dims.shape.hidden
+    return 2 * (kept * dims.block + head) + kept * attention_score_flops(dims.shape, seq_len)
+
+
+def decode_params_read(dims: Dims, removed: int) -> int:
+    """Parameters read per generated token (× dtype bytes = bytes): all weights once, one
+    input-embedding row, the whole lm_head (a tied one again, as the output projection)."""
+    tied_head = dims.head if dims.tied else 0
+    return dims.total - dims.embed + dims.shape.hidden + tied_head - removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Supernet: which candidates exist, their size on disk, the work to solve them.
+
+
+def candidate_units(
+    shape: Shape, sparsity: float, iteration: int, levels: int
+) -> list[tuple[str, list[int]]]:
+    """For every sub-layer, (kind, units removed at each level) in iteration `iteration`,
+    centred on the uniform allocation as the search's first iteration is (later ones re-centre
+    on the search result, unknown in advance). Same rules as tyr.search.driver."""
+    S, L = Fraction(str(sparsity)), shape.n_layers
+    out: list[tuple[str, list[int]]] = []
+    for kind, n, floor in (
+        ("attn", shape.n_q, 1),
+        ("mlp", shape.intermediate, ffn_step_floor(shape.intermediate)),
+    ):
+        step = step_units(n, iteration, floor)
+        for centre in spread(round_half_up(S * n * L), L):
+            low, high = level_range(centre, step, n, levels // 2)
+            out.append((kind, [centre + k * step for k in range(low, high + 1)]))
+    return out
+
+
+def candidate_bytes(shape: Shape, kind: str, removed: int, dtype_bytes: int) -> int:
+    """One candidate file: the compact consumer weight [hidden, kept·unit] and int32 indices."""
+    if kind == "attn":
+        kept = shape.n_q - removed
+        weight = shape.hidden * kept * shape.head_dim
+        indices = kept + min(shape.n_kv, kept)  # kept query heads, kept KV heads (at most)
+    else:
+        kept = shape.intermediate - removed
+        weight = shape.hidden * kept
+        indices = kept
+    return weight * dtype_bytes + indices * 4 + SAFETENSORS_HEADER_BYTES
+
+
+def supernet_iteration_bytes(
+    shape: Shape, sparsity: float, iteration: int, levels: int, dtype_bytes: int
+) -> int:
+    return sum(
+        candidate_bytes(shape, kind, u, dtype_bytes)
+        for kind, units in candidate_units(shape, sparsity, iteration, levels)
+        for u in units
+    )
+
+
+def local_solve_units(shape: Shape, kind: str) -> float:
+    """FLOP units of one candidate's local solve: n_in³ + n_in²·hidden, n_in = the consumer's
+    input width (n_q·head_dim for o_proj, intermediate for down_proj)."""
+    n_in = shape.n_q * shape.head_dim if kind == "attn" else shape.intermediate
+    return float(n_in**3 + n_in**2 * shape.hidden)
+
+
+def streaming_flops_per_token(shape: Shape, seq_len: int, dense_block: int) -> float:
+    """FLOPs per calibration token of one pass of local pruning over all blocks: the full block
+    forward (down_proj's Gram pass), the attention part again (o_proj's Gram pass), both Gram
+    accumulations x·xᵀ, and the residual update of the block outputs z·ΔWᵀ."""
+    d, L = shape.hidden, shape.n_layers
+    attn_in = shape.n_q * shape.head_dim
+    qkv = d * shape.head_dim * (shape.n_q + 2 * shape.n_kv)
+    scores = attention_score_flops(shape, seq_len)
+    block_forward = 2 * dense_block + scores
+    attn_pass = L * 2 * qkv + scores
+    grams = L * 2 * (attn_in**2 + shape.intermediate**2)
+    residual = L * 2 * shape.intermediate * d
+    return block_forward + attn_pass + grams + residual
+
+
+def local_pruning_seconds(
+    dims: Dims, settings: Settings, candidates: list[tuple[str, list[int]]], rate: float
+) -> float:
+    """One pass of local pruning (a supernet build, or the uniform prune) at `rate` FLOP/s."""
+    stream = settings.calib_tokens * streaming_flops_per_token(dims.shape, settings.seq_len, dims.block)
+    solves = sum(len(units) * local_solve_units(dims.shape, kind) for kind, units in candidates)
+    return (stream + LOCAL_SOLVE_FACTOR * solves) / rate
+
+
+# ---------------------------------------------------------------------------------------------
+# Search, evaluation, memory.
+
+
+def search_tokens_per_generation(settings: Settings) -> int:
+    """Student forward tokens of one generation: stage 0 scores every offspring, stage i the
+    survivors of stage i−1, and the last stage re-scores the parent too; a stage draws at most
+    the calibration set."""
+    stages = [min(t, settings.calib_tokens) for t in settings.stage_tokens]
+    scored = [settings.offspring, *settings.survivors[:-1]]
+    scored[-1] += 1  # the parent
+    return sum(n * t for n, t in zip(scored, stages, strict=True))
+
+
+def search_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> float:
+    """All generations of all iterations on the pruned-size student (top-k lm_head rows only),
+    plus filling the teacher cache once with full dense forwards over the calibration set."""
+    topk = min(settings.kl_topk, dims.vocab)
+    student = forward_flops(dims, settings.seq_len, kept, head_rows=topk)
+    tokens = settings.iterations * settings.generations * search_tokens_per_generation(settings)
+    teacher = settings.calib_tokens * forward_flops(dims, settings.seq_len)
+    return (tokens * student + teacher) / rate
+
+
+def eval_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> float:
+    """Perplexity of the dense model (cached after the first run) and of the pruned one."""
+    per_token = forward_flops(dims, settings.seq_len) + forward_flops(dims, settings.seq_len, kept)
+    return settings.eval_tokens * per_token / rate
+
+
+def peak_ram(dims: Dims, settings: Settings, method: str, dtype_bytes: int, supernet: int) -> tuple[int, str]:
+    """(bytes, phase) of the largest host-memory phase, block activations kept in memory."""
+    shape = dims.shape
+    weights = dims.total * dtype_bytes
+    held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
+    calib_acts = settings.calib_tokens * shape.hidden * dtype_bytes * 2  # block input and output
+    mlp_inputs = settings.calib_tokens * shape.intermediate * dtype_bytes  # for z·ΔWᵀ
+    n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
+    solver = n_in**2 * (4 + 2 * 8)  # fp32 Gram, fp64 damped Hessian and its inverse
+    phases = {
+        "prune": weights + calib_acts + mlp_inputs + solver + held,
+        "eval": weights
+        + settings.eval_tokens * shape.hidden * dtype_bytes * 2
+        + settings.batch_size * min(LOGIT_CHUNK, settings.seq_len) * dims.vocab * 4 * 2,  # logits, log-probs
+    }
+    if method == "tyr":
+        phases["search"] = 2 * weights + held  # the dense teacher and the live student copy
+    phase = max(phases, key=lambda k: phases[k])
+    return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def _runtime(dims: Dims, settings: Settings, sparsity: float, method: str, kept: float) -> dict[str, float]:
+    threads = max(1, torch.get_num_threads())
+    rate = FORWARD_FLOPS_PER_S_2T * threads / REFERENCE["threads"]
+    prune = supernet = search = 0.0
+    if method == "tyr":
+        supernet = sum(
+            local_pruning_seconds(
+                dims, settings, candidate_units(dims.shape, sparsity, t, settings.levels), rate
+            )
+            for t in range(1, settings.iterations + 1)
+        )
+        search = search_seconds(dims, settings, kept, rate)
+    else:  # one candidate per sub-layer, at the uniform centre
+        centre = candidate_units(dims.shape, sparsity, 1, 1)
+        prune = local_pruning_seconds(dims, settings, centre, rate)
+    evaluation = eval_seconds(dims, settings, kept, rate)
+    total = prune + supernet + search + evaluation
+    return {
+        "prune": round(prune, 1),
+        "supernet": round(supernet, 1),
+        "search": round(search, 1),
+        "eval": round(evaluation, 1),
+        "total": round(total, 1),
+    }
+
+
+def _basis(threads: int) -> str:
+    return (
+        f"CPU estimate for {threads} thread(s), scaled linearly from a measured reference run "
+        "(embedded SmolLM2-135M, S=0.5, preset quick, 2 CPU cores: supernet 783 s, search 740 s): "
+        f"forward work at {FORWARD_FLOPS_PER_S_2T / 1e9:.0f} GFLOP/s per 2 threads, local solves at "
+        f"{LOCAL_SOLVE_FACTOR} x (n_in^3 + n_in^2*hidden) FLOP units each; a GPU is much faster. "
+        "Preset sizes are nominal (a shorter calibration or held-out source is clipped); "
+        "eval includes the dense perplexity, cached after the first run."
+    )
+
+
+def estimate(
+    model: str | None,
+    sparsity: float,
+    *,
+    preset: str = "auto",
+    method: str = "tyr",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Estimates for pruning `model` (None = the embedded default, a directory holding
+    config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
+    see the module docstring for the keys. Raises UserError for bad input or an unsupported
+    family."""
+    # Validates sparsity, method, preset and dtype with the messages `tyr prune` gives.
+    cfg = PruneConfig(sparsity=sparsity, out="", model=model, method=method, preset=preset, dtype=dtype)
+    config, name = load_config(model)
+    dims = dims_of(config)
+    cfg, preset_name = resolve_preset(cfg, dims.total)
+    settings = _settings(cfg)
+    S, b = float(sparsity), DTYPE_BYTES[dtype]
+
+    kept_block = pruned_block(dims, S)
+    removed = dims.block - kept_block
+    kept = kept_block / dims.block
+    pruned_total = dims.total - removed
+
+    prefill = forward_flops(dims, settings.seq_len) / forward_flops(dims, settings.seq_len, kept)
+    decode = decode_params_read(dims, 0) / decode_params_read(dims, removed)
+
+    iterations = range(1, settings.iterations + 1)
+    per_iteration = [supernet_iteration_bytes(dims.shape, S, t, settings.levels, b) for t in iterations]
+    tyr = method == "tyr"
+    supernet = per_iteration[0] if tyr else 0
+    teacher = settings.calib_tokens * min(settings.kl_topk, dims.vocab) * (4 + 4) if tyr else 0
+    ram, phase = peak_ram(dims, settings, method, b, supernet)
+    threads = max(1, torch.get_num_threads())
+    shape = dims.shape
+    return {
+        "model": name,
+        "family": dims.family,
+        "sparsity": S,
+        "preset": preset_name,
+        "method": method,
+        "dtype": dtype,
+        "shape": {
+            "layers": shape.n_layers,
+            "hidden": shape.hidden,
+            "n_q": shape.n_q,
+            "n_kv": shape.n_kv,
+            "head_dim": shape.head_dim,
+            "intermediate": shape.intermediate,
+            "vocab": dims.vocab,
+            "tied": dims.tied,
+        },
+        "settings": {
+            "calib_tokens": settings.calib_tokens,
+            "seq_len": settings.seq_len,
+            "eval_tokens": settings.eval_tokens,
+            "batch_size": settings.batch_size,
+            "iterations": settings.iterations,
+            "generations": settings.generations,
+            "offspring": settings.offspring,
+            "stage_tokens": list(settings.stage_tokens),
+            "survivors": list(settings.survivors),
+            "levels": settings.levels,
+            "kl_topk": settings.kl_topk,
+            "threads": threads,
+        },
+        "params": {
+            "dense_total": dims.total,
+            "dense_block": dims.block,
+            "pruned_total": pruned_total,
+            "pruned_block": kept_block,
+        },
+        "disk_bytes": {"dense": dims.total * b, "pruned": pruned_total * b},
+        "ideal_speedup": {"prefill": round(prefill, 4), "decode": round(decode, 4)},
+        "supernet_bytes": supernet,
+        "workdir_bytes": (sum(per_iteration) if tyr else 0) + teacher,
+        "teacher_cache_bytes": teacher,
+        "peak_ram_bytes": ram,
+        "peak_ram_phase": phase,
+        "runtime_s": _runtime(dims, settings, S, method, kept),
+        "runtime_basis": _basis(threads),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Text.
+
+
+def _duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def format_plan(est: dict[str, Any]) -> str:
+    """A short markdown table of an :func:`estimate` result, with units (decimal GB/MB)."""
+    p, disk, speed, rt = est["params"], est["disk_bytes"], est["ideal_speedup"], est["runtime_s"]
+    st = est["settings"]
+    tyr = est["method"] == "tyr"
+    rows = [
+        ("parameters", fmt_params(p["dense_total"]), fmt_params(p["pruned_total"])),
+        ("decoder-block parameters", fmt_params(p["dense_block"]), fmt_params(p["pruned_block"])),
+        (f"disk ({est['dtype']})", fmt_bytes(disk["dense"]), fmt_bytes(disk["pruned"])),
+        (f"ideal prefill speedup (seq {st['seq_len']})", "1.00x", f"{speed['prefill']:.2f}x"),
+        ("ideal decode speedup", "1.00x", f"{speed['decode']:.2f}x"),
+    ]
+    lines = [
+        f"tyr plan: {est['model']} ({est['family']}), sparsity {est['sparsity']:g}, "
+        f"method {est['method']}, preset {est['preset']}",
+        "",
+        "| quantity | dense | pruned |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        "",
+        "| cost | estimate |",
+        "|---|---|",
+    ]
+    costs = []
+    if tyr:
+        costs += [
+            ("supernet on disk (one iteration)", fmt_bytes(est["supernet_bytes"])),
+            ("teacher cache", fmt_bytes(est["teacher_cache_bytes"])),
+            (f"work directory ({st['iterations']} iterations)", fmt_bytes(est["workdir_bytes"])),
+        ]
+    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations in memory)"
+    costs.append((ram, fmt_bytes(est["peak_ram_bytes"])))
+    if tyr:
+        costs += [
+            ("run time: supernet", _duration(rt["supernet"])),
+            ("run time: search", _duration(rt["search"])),
+        ]
+    else:
+        costs.append(("run time: prune", _duration(rt["prune"])))
+    costs += [("run time: eval", _duration(rt["eval"])), ("run time: total", _duration(rt["total"]))]
+    lines += [f"| {a} | {b} |" for a, b in costs]
+    lines += ["", f"Run time: {est['runtime_basis']}"]
+    return "\n".join(lines)

@@ -1,0 +1,706 @@
+"""``tyr report``: a human-readable account of a finished run, as Markdown with PNG plots.
+
+Reads ``DIR/result.json`` (schema ``tyr.result/1``) and the zero-shot evaluations beside it
+(``DIR/eval*.json``, schema ``tyr.eval/1``: ``eval.json`` is the pruned model's,
+``eval_dense.json`` the dense one's; a file may also hold both as ``{"dense": ..., "pruned": ...}``),
+measures or takes the deployment speed, and writes ``DIR/report/report.md`` with
+``sparsity_per_block.png``, ``fitness.png`` (method ``tyr`` only) and ``accuracy.png`` (when an
+evaluation exists) beside it. Derived quality numbers follow PROTOCOL.md (retention, PPL ratio,
+above-chance retention).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from tyr.errors import UserError
+from tyr.speed import cost_per_million, measure_in_subprocess
+from tyr.tasks import CHANCE, PAPER7
+
+__all__ = [
+    "PLOTS",
+    "build_report",
+    "ensure_evals",
+    "dense_source",
+    "read_result",
+    "read_evals",
+    "weights_bytes",
+    "mean_accuracy",
+    "above_chance_retention",
+]
+
+log = logging.getLogger("tyr")
+
+RESULT_SCHEMA = "tyr.result/1"
+EVAL_SCHEMA = "tyr.eval/1"
+PLOTS = {"sparsity": "sparsity_per_block.png", "fitness": "fitness.png", "accuracy": "accuracy.png"}
+
+ABOVE_CHANCE_MIN = 0.05  # a task counts when dense is at least 5 points above chance (PROTOCOL.md)
+TASK_NAMES = {
+    "arc_easy": "ARC-Easy",
+    "arc_challenge": "ARC-Challenge",
+    "boolq": "BoolQ",
+    "hellaswag": "HellaSwag",
+    "openbookqa": "OpenBookQA",
+    "rte": "RTE",
+    "winogrande": "WinoGrande",
+    "piqa": "PIQA",
+    "mmlu": "MMLU",
+}
+DASH = "—"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_result(out_dir: Path) -> dict[str, Any]:
+    """The run's result.json; a missing or foreign file is the user's error."""
+    path = out_dir / "result.json"
+    if not path.is_file():
+        raise UserError(f"{out_dir} has no result.json", "point at the --out of a finished tyr prune")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON", "rerun tyr prune into a fresh directory") from exc
+    if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA:
+        raise UserError(f"{path} is not a {RESULT_SCHEMA} file", "point at the --out of a finished tyr prune")
+    return data
+
+
+def _eval_files(out_dir: Path) -> list[Path]:
+    """eval.json and eval_dense.json first (they win a tie), then any other eval*.json by name."""
+    first = [out_dir / "eval.json", out_dir / "eval_dense.json"]
+    rest = sorted(p for p in out_dir.glob("eval*.json") if p not in first)
+    return [p for p in first if p.is_file()] + rest
+
+
+def _is_eval(data: Any) -> bool:
+    return (
+        isinstance(data, dict) and data.get("schema") == EVAL_SCHEMA and isinstance(data.get("tasks"), dict)
+    )
+
+
+def read_evals(out_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    """(dense evaluation, pruned evaluation, notes on the files read or skipped)."""
+    found: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for path in _eval_files(out_dir):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            notes.append(f"`{path.name}` skipped: not valid JSON.")
+            continue
+        if _is_eval(data):
+            parts = [("dense" if "dense" in path.stem else "pruned", data)]
+        elif isinstance(data, dict) and any(_is_eval(data.get(k)) for k in ("dense", "pruned")):
+            parts = [(k, data[k]) for k in ("dense", "pruned") if _is_eval(data.get(k))]
+        else:
+            notes.append(f"`{path.name}` skipped: not a {EVAL_SCHEMA} evaluation.")
+            continue
+        for role, ev in parts:
+            if role in found:
+                notes.append(f"`{path.name}`: a second {role} evaluation, ignored.")
+            else:
+                found[role] = ev
+                notes.append(f"{role} evaluation from `{path.name}`.")
+    return found.get("dense"), found.get("pruned"), notes
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the *.safetensors files of a checkpoint directory (0 when there are none)."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.is_file())
+
+
+# ---------------------------------------------------------------- derived numbers
+
+
+def _accs(ev: dict[str, Any] | None) -> dict[str, float]:
+    if ev is None:
+        return {}
+    return {
+        k: float(v["acc"]) for k, v in ev["tasks"].items() if isinstance(v, dict) and v.get("acc") is not None
+    }
+
+
+def mean_accuracy(accs: dict[str, float], tasks: list[str]) -> float | None:
+    """Unweighted mean of `accs` over `tasks` (None when there are none)."""
+    return sum(accs[t] for t in tasks) / len(tasks) if tasks else None
+
+
+def above_chance_retention(
+    dense: dict[str, float], pruned: dict[str, float]
+) -> tuple[float | None, list[str], float, float]:
+    """PROTOCOL.md's Σ(acc − chance) pruned ÷ Σ(acc − chance) dense over the tasks both ran that
+    have a chance level and where dense is at least 5 points above it.
+
+    Returns (retention or None when no task qualifies, the tasks used, dense sum, pruned sum).
+    """
+    used = [
+        t
+        for t in _order(set(dense) & set(pruned))
+        if t in CHANCE and dense[t] - CHANCE[t] >= ABOVE_CHANCE_MIN - 1e-12
+    ]
+    d = sum(dense[t] - CHANCE[t] for t in used)
+    p = sum(pruned[t] - CHANCE[t] for t in used)
+    return (p / d if used else None), used, d, p
+
+
+def _order(tasks: set[str] | list[str]) -> list[str]:
+    """Known tasks in the protocol's order, then the others by name."""
+    known = [t for t in TASK_NAMES if t in tasks]
+    return known + sorted(t for t in tasks if t not in TASK_NAMES)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_params(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{n:.0f}"
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units (1 MB = 10⁶ bytes), as disk sizes are usually quoted."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"
+
+
+def fmt_pct(x: float | None) -> str:
+    return DASH if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}×"
+
+
+def fmt_rate(x: float | None) -> str:
+    return DASH if x is None else f"{x:,.1f}"
+
+
+def fmt_usd(x: float | None) -> str:
+    """Three significant digits, never in scientific notation."""
+    if x is None:
+        return DASH
+    if x <= 0:
+        return "$0"
+    decimals = max(2, 2 - math.floor(math.log10(x)))
+    return f"${x:,.{decimals}f}"
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _matplotlib_ok() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _figure(width: float, height: float) -> Any:
+    """A figure on the Agg canvas, outside pyplot (no global state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_sparsity(layers: list[dict[str, Any]], overall: float, path: Path) -> None:
+    """Grouped bars: each block's attention and FFN sparsity, with the overall block sparsity."""
+    from matplotlib.ticker import PercentFormatter
+
+    idx = [int(r["index"]) for r in layers]
+    fig = _figure(max(6.0, 0.32 * len(idx) + 2), 3.6)
+    ax = fig.add_subplot()
+    ax.bar([i - 0.2 for i in idx], [r["attn_sparsity"] for r in layers], 0.4, label="attention")
+    ax.bar([i + 0.2 for i in idx], [r["mlp_sparsity"] for r in layers], 0.4, label="FFN")
+    ax.axhline(overall, color="black", linestyle="--", linewidth=1, label=f"all blocks ({overall:.1%})")
+    ax.set_xlabel("block")
+    ax.set_ylabel("parameters removed")
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xticks(idx)
+    ax.tick_params(axis="x", labelsize=7 if len(idx) > 24 else 9)
+    ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+def _fitness_points(iterations: list[dict[str, Any]]) -> int:
+    return sum(len(it.get("parent_fitness") or []) for it in iterations)
+
+
+def plot_fitness(iterations: list[dict[str, Any]], path: Path) -> None:
+    """Parent fitness (top-k KL to the dense model) per generation, iterations end to end."""
+    fig = _figure(7.0, 3.6)
+    ax = fig.add_subplot()
+    start = 0
+    for k, it in enumerate(iterations, 1):
+        ys = [float(y) for y in it.get("parent_fitness") or []]
+        xs = list(range(start + 1, start + len(ys) + 1))
+        label = f"iteration {k} (step {it.get('step_attn', '?')} h / {it.get('step_mlp', '?')} ch)"
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if k > 1:
+            ax.axvline(start + 0.5, color="grey", linewidth=0.8, linestyle=":")
+        start += len(ys)
+    ax.set_xlabel("generation (all iterations)")
+    ax.set_ylabel("parent top-k KL (lower is better)")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_accuracy(dense: dict[str, float], pruned: dict[str, float], path: Path) -> None:
+    """Grouped bars per task: dense and pruned accuracy, with the chance level marked."""
+    from matplotlib.ticker import PercentFormatter
+
+    tasks = _order(set(dense) | set(pruned))
+    fig = _figure(max(6.0, 0.9 * len(tasks) + 2), 3.6)
+    ax = fig.add_subplot()
+    xs = list(range(len(tasks)))
+    for offset, (label, accs, color) in zip(
+        (-0.2, 0.2), (("dense", dense, "tab:gray"), ("pruned", pruned, "tab:blue")), strict=True
+    ):
+        have = [i for i, t in enumerate(tasks) if t in accs]
+        ax.bar([i + offset for i in have], [accs[tasks[i]] for i in have], 0.4, label=label, color=color)
+    for i, t in enumerate(tasks):
+        if t in CHANCE:
+            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1)
+    ax.plot([], [], color="black", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([TASK_NAMES.get(t, t) for t in tasks], rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _header(res: dict[str, Any], out_dir: Path) -> list[str]:
+    method = res.get("method", "?")
+    what = {
+        "tyr": "global search: supernet of locally pruned candidates and evolutionary sparsity allocation",
+        "uniform": "every block pruned by the same fraction",
+    }.get(method, "")
+    machine = res.get("machine") or {}
+    lines = [
+        f"# tyr report: {res.get('model', '?')}",
+        "",
+        f"- Method: `{method}`" + (f" ({what})" if what else ""),
+        f"- Sparsity of decoder-block parameters: target {fmt_pct(res.get('sparsity_target'))},"
+        f" achieved {fmt_pct(res.get('sparsity_achieved'))} (counted on the exported tensors)",
+        f"- Directory: `{out_dir}`; tyr {res.get('tyr_version', '?')}",
+    ]
+    if machine:
+        lines.append(f"- Pruned on: {machine.get('device', '?')}, {machine.get('cpus', '?')} CPU cores")
+    return lines
+
+
+def _ppl_label(what: str, ppl: dict[str, Any]) -> str:
+    tokens = ppl.get("tokens") or 0
+    return f"{what} ({ppl.get('source', '?')}, {tokens:,} tokens, seq {ppl.get('seq_len', '?')})"
+
+
+def _ppl_rows(res: dict[str, Any], dense_ev: dict | None, pruned_ev: dict | None) -> list[list[str]]:
+    """Held-out PPL of the run (result.json) and of the evaluations, when recorded."""
+    rows = []
+    ppl = res.get("ppl") or {}
+    if ppl.get("dense") is not None or ppl.get("pruned") is not None:
+        d, p = ppl.get("dense"), ppl.get("pruned")
+        rows.append([_ppl_label("held-out PPL", ppl), _f2(d), _f2(p), fmt_ratio(_div(p, d))])
+    ed = (dense_ev or {}).get("ppl") or {}
+    ep = (pruned_ev or {}).get("ppl") or {}
+    if ed.get("value") is not None or ep.get("value") is not None:
+        d, p = ed.get("value"), ep.get("value")
+        rows.append([_ppl_label("eval PPL", ep or ed), _f2(d), _f2(p), fmt_ratio(_div(p, d))])
+    return rows
+
+
+def _f2(x: float | None) -> str:
+    return DASH if x is None else f"{x:.2f}"
+
+
+def _comparison(
+    res: dict[str, Any],
+    out_dir: Path,
+    dense_dir: str | None,
+    dense_ev: dict[str, Any] | None,
+    pruned_ev: dict[str, Any] | None,
+) -> tuple[list[str], list[str]]:
+    """The dense-vs-pruned table and its notes."""
+    p = res["params"]
+    notes: list[str] = []
+    pruned_disk = weights_bytes(out_dir)
+    dense_disk = weights_bytes(Path(dense_dir)) if dense_dir and Path(dense_dir).is_dir() else 0
+    dense_disk_s = fmt_bytes(dense_disk) if dense_disk else DASH
+    if not dense_disk and pruned_disk:
+        # Same dtype and layout: bytes scale with the parameter count.
+        dense_disk = round(pruned_disk * p["dense_total"] / p["pruned_total"])
+        dense_disk_s = fmt_bytes(dense_disk) + " (est.)"
+        notes.append(
+            "Dense disk size estimated as the pruned weights' size × dense ÷ pruned total parameters "
+            "(same dtype); give the dense checkpoint directory to measure it."
+        )
+    rows = [
+        [
+            "total parameters",
+            fmt_params(p["dense_total"]),
+            fmt_params(p["pruned_total"]),
+            fmt_pct(p["pruned_total"] / p["dense_total"]),
+        ],
+        [
+            "decoder-block parameters",
+            fmt_params(p["dense_block"]),
+            fmt_params(p["pruned_block"]),
+            fmt_pct(p["pruned_block"] / p["dense_block"]),
+        ],
+        [
+            "weights on disk (safetensors)",
+            dense_disk_s,
+            fmt_bytes(pruned_disk) if pruned_disk else DASH,
+            fmt_pct(_div(pruned_disk, dense_disk)) if pruned_disk else DASH,
+        ],
+        *_ppl_rows(res, dense_ev, pruned_ev),
+    ]
+    da, pa = _accs(dense_ev), _accs(pruned_ev)
+    for t in _order(set(da) | set(pa)):
+        info = ((pruned_ev or {}).get("tasks") or {}).get(t) or ((dense_ev or {}).get("tasks") or {}).get(t)
+        detail = f"n={info.get('n', '?')}, {info.get('shots', 0)}-shot" if isinstance(info, dict) else ""
+        d, pr = da.get(t), pa.get(t)
+        rows.append([f"{TASK_NAMES.get(t, t)} acc ({detail})", fmt_pct(d), fmt_pct(pr), fmt_pct(_div(pr, d))])
+    both = _order(set(da) & set(pa))
+    if both:
+        label = "paper7" if set(both) == set(PAPER7) else ", ".join(TASK_NAMES.get(t, t) for t in both)
+        d_mean, p_mean = mean_accuracy(da, both), mean_accuracy(pa, both)
+        rows.append(
+            [
+                f"**mean accuracy** ({len(both)} tasks: {label})",
+                fmt_pct(d_mean),
+                fmt_pct(p_mean),
+                f"**{fmt_pct(_div(p_mean, d_mean))}** retention",
+            ]
+        )
+        ret, used, d_sum, p_sum = above_chance_retention(da, pa)
+        if ret is None:
+            rows.append(["above-chance retention", DASH, DASH, "n/a"])
+            notes.append(
+                "Above-chance retention: n/a, the dense model is within 5 points of chance on every task."
+            )
+        else:
+            rows.append(
+                [
+                    f"above-chance retention ({len(used)} tasks)",
+                    f"+{100 * d_sum:.1f} pts",
+                    f"{100 * p_sum:+.1f} pts",
+                    f"**{fmt_pct(ret)}**",
+                ]
+            )
+            notes.append(
+                "Retention = pruned ÷ dense mean accuracy. Above-chance retention (PROTOCOL.md) = "
+                "Σ(acc − chance) pruned ÷ Σ(acc − chance) dense over the tasks where dense is at least "
+                "5 points above chance: " + ", ".join(TASK_NAMES.get(t, t) for t in used) + ". Chance: "
+                "ARC-E/C, HellaSwag, OBQA, MMLU 25%; BoolQ, RTE, WinoGrande, PIQA 50%."
+            )
+    header = ["", "dense", "pruned", "pruned ÷ dense"]
+    return _table(header, rows), notes
+
+
+def _eval_notes(out_dir: Path, dense_ev: dict | None, pruned_ev: dict | None, notes: list[str]) -> list[str]:
+    lines: list[str] = []
+    if pruned_ev is None and dense_ev is None:
+        lines.append(
+            f"No zero-shot evaluation was run (no `eval*.json` in `{out_dir}`). Run one with "
+            f"`tyr eval {out_dir} --json {out_dir}/eval.json`, and the dense baseline with "
+            f"`tyr eval DENSE_MODEL --json {out_dir}/eval_dense.json`; then rerun `tyr report`."
+        )
+    elif dense_ev is None:
+        lines.append(
+            "No dense evaluation: retention needs one. Run "
+            f"`tyr eval DENSE_MODEL --json {out_dir}/eval_dense.json` and rerun `tyr report`."
+        )
+    elif pruned_ev is None:
+        lines.append(f"No pruned evaluation: run `tyr eval {out_dir} --json {out_dir}/eval.json`.")
+    limits = {ev.get("limit") for ev in (dense_ev, pruned_ev) if ev is not None}
+    for limit in sorted(x for x in limits if x is not None and x < 300):
+        lines.append(
+            f"A quick evaluation ({limit} questions per task; PROTOCOL.md uses 300): "
+            "differences of a few points are noise at this size."
+        )
+    return lines + notes
+
+
+def dense_source(res: dict[str, Any]) -> str:
+    """Where the pruned model's dense original is: a local directory, or its hub id."""
+    from tyr.models import resolve
+
+    return str(resolve((res.get("config") or {}).get("model")))
+
+
+def ensure_evals(out_dir: Path, *, dense: str | None = None, limit: int | None = 100) -> str:
+    """The dense model to compare with; when `out_dir` holds no eval yet and `limit` is given,
+    a quick one of the pruned and the dense model is run first (and said so)."""
+    from tyr.evaluation import evaluate
+
+    res = read_result(out_dir)
+    dense = dense or dense_source(res)
+    if limit is not None and not _eval_files(out_dir):
+        log.warning(
+            "%s holds no evaluation: running a quick one (%d questions per task, pruned and dense; "
+            "`tyr eval` runs the full protocol)",
+            out_dir,
+            limit,
+        )
+        evaluate(out_dir, limit=limit, ppl=None, json_path=out_dir / "eval.json")
+        evaluate(dense, limit=limit, ppl=None, json_path=out_dir / "eval_dense.json")
+    return dense
+
+
+def _measure_speed(
+    res: dict[str, Any], out_dir: Path, dense_dir: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    """Each model in its own fresh process, so that each peak memory is that model's alone."""
+    import torch
+
+    want = str((res.get("config") or {}).get("device", "cpu"))
+    device = "cuda" if want == "cuda" and torch.cuda.is_available() else "cpu"
+    found: dict[str, dict[str, Any] | None] = {"dense": None, "pruned": None}
+    notes = ["Each model measured in a fresh process."]
+    for role, path in (("pruned", str(out_dir)), ("dense", dense_dir)):
+        if path is None:
+            notes.append("The dense model was not measured: no dense checkpoint directory was given.")
+            continue
+        log.info("measuring the %s model's speed (%s)", role, path)
+        try:
+            found[role] = measure_in_subprocess(path, device=device)
+        except RuntimeError as exc:
+            notes.append(f"The {role} model could not be measured: {exc}")
+    return found["dense"], found["pruned"], notes
+
+
+def _speed_value(m: dict[str, Any] | None, key: str) -> float | None:
+    return float(m[key]) if m is not None and m.get(key) is not None else None
+
+
+def _deployment(
+    dense: dict[str, Any] | None, pruned: dict[str, Any] | None, usd_per_hour: float | None, notes: list[str]
+) -> list[str]:
+    ref = pruned or dense
+    if ref is None:
+        return ["No speed measurement.", *("- " + n for n in notes)]
+    device = str(ref.get("device", "cpu"))
+    memory = "peak CUDA memory" if device == "cuda" else "peak memory (process RSS)"
+    lines = [
+        f"Batch 1 on this machine ({device}, {ref.get('threads', '?')} threads): prefill = one forward "
+        f"over a {ref.get('prompt_tokens', '?')}-token prompt; decode = {ref.get('new_tokens', '?')} greedy "
+        f"tokens after a {ref.get('decode_prompt', '?')}-token prompt (generate time minus its prefill); "
+        f"best of {ref.get('repeats', '?')}.",
+        "",
+    ]
+    rows = []
+    for label, key in (
+        ("prefill tokens/s", "prefill_tokens_per_s"),
+        ("decode tokens/s", "decode_tokens_per_s"),
+    ):
+        d, p = _speed_value(dense, key), _speed_value(pruned, key)
+        rows.append(
+            [label, fmt_rate(d), fmt_rate(p), fmt_ratio(_div(p, d)) + (" speedup" if d and p else "")]
+        )
+    d_mem, p_mem = _speed_value(dense, "peak_rss_bytes"), _speed_value(pruned, "peak_rss_bytes")
+    rows.append(
+        [
+            memory,
+            fmt_bytes(d_mem) if d_mem else DASH,
+            fmt_bytes(p_mem) if p_mem else DASH,
+            fmt_pct(_div(p_mem, d_mem)),
+        ]
+    )
+    if usd_per_hour is not None:
+        for label, key in (("prefill", "prefill_tokens_per_s"), ("decode", "decode_tokens_per_s")):
+            d, p = _speed_value(dense, key), _speed_value(pruned, key)
+            d_cost = cost_per_million(d, usd_per_hour) if d else None
+            p_cost = cost_per_million(p, usd_per_hour) if p else None
+            rows.append(
+                [
+                    f"{label} USD per 1M tokens at ${usd_per_hour:g}/h",
+                    fmt_usd(d_cost),
+                    fmt_usd(p_cost),
+                    fmt_pct(_div(p_cost, d_cost)),
+                ]
+            )
+    else:
+        notes = [*notes, "No price given: pass `--usd-per-hour X` for the cost per 1M tokens."]
+    lines += _table(["", "dense", "pruned", "pruned vs dense"], rows)
+    if usd_per_hour is not None:
+        notes = [
+            *notes,
+            f"Cost = ${usd_per_hour:g} per hour ÷ (tokens/s × 3600) × 10⁶, one stream at batch 1 "
+            "(batching more streams per machine lowers it).",
+        ]
+    if device != "cuda":
+        notes = [
+            *notes,
+            "Peak RSS is the whole process's peak (interpreter, torch, weights, activations), "
+            "so each model needs a process of its own for a fair comparison.",
+        ]
+    return lines + [""] + ["- " + n for n in notes]
+
+
+def _layers(res: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            str(r["index"]),
+            str(r["q_heads"]),
+            str(r["kv_heads"]),
+            str(r["intermediate"]),
+            fmt_pct(r["attn_sparsity"]),
+            fmt_pct(r["mlp_sparsity"]),
+        ]
+        for r in res["layers"]
+    ]
+    return _table(
+        ["block", "query heads", "KV heads", "FFN width", "attention sparsity", "FFN sparsity"], rows
+    )
+
+
+def _search(res: dict[str, Any]) -> list[str]:
+    its = (res.get("search") or {}).get("iterations") or []
+    rows = []
+    for k, it in enumerate(its, 1):
+        fit = it.get("parent_fitness") or []
+        rows.append(
+            [
+                str(k),
+                f"{it.get('step_attn', '?')} / {it.get('step_mlp', '?')}",
+                str(len(fit)),
+                f"{fit[0]:.4f}" if fit else DASH,
+                f"{fit[-1]:.4f}" if fit else DASH,
+                fmt_seconds(float(it["seconds"])) if it.get("seconds") is not None else DASH,
+            ]
+        )
+    header = [
+        "iteration",
+        "step (heads / channels)",
+        "generations",
+        "first parent KL",
+        "final parent KL",
+        "time",
+    ]
+    return _table(header, rows)
+
+
+def _timings(res: dict[str, Any]) -> list[str]:
+    t = res.get("timings") or {}
+    rows = [[k, fmt_seconds(float(v))] for k, v in t.items() if k != "total" and v]
+    if "total" in t:
+        rows.append(["**total**", f"**{fmt_seconds(float(t['total']))}**"])
+    return _table(["stage", "wall time"], rows) if rows else ["No timings recorded."]
+
+
+# ---------------------------------------------------------------- the report
+
+
+def build_report(
+    out_dir: Path,
+    *,
+    usd_per_hour: float | None = None,
+    speed: dict[str, Any] | None = None,
+    dense_dir: str | None = None,
+) -> Path:
+    """Write ``out_dir/report/report.md`` and its PNGs; returns the Markdown file's path.
+
+    `speed` = {"dense": measure-dict, "pruned": measure-dict} (either may be absent) skips the
+    measurement; otherwise the pruned model (and the dense one when `dense_dir` is given) is
+    measured, each in a fresh process. `usd_per_hour` prices the machine for the cost rows.
+    """
+    out_dir = Path(out_dir)
+    res = read_result(out_dir)
+    dense_ev, pruned_ev, eval_notes = read_evals(out_dir)
+    dest = out_dir / "report"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS.values():  # never leave a stale plot of an earlier report behind
+        (dest / name).unlink(missing_ok=True)
+    plots = _matplotlib_ok()
+
+    if speed is not None:
+        speed_dense, speed_pruned = speed.get("dense"), speed.get("pruned")
+        speed_notes = [] if speed_dense else ["The dense model was not measured."]
+    else:
+        speed_dense, speed_pruned, speed_notes = _measure_speed(res, out_dir, dense_dir)
+
+    table, table_notes = _comparison(res, out_dir, dense_dir, dense_ev, pruned_ev)
+    md = [*_header(res, out_dir), "", "## Dense vs pruned", "", *table, ""]
+    md += ["- " + n for n in [*_eval_notes(out_dir, dense_ev, pruned_ev, eval_notes), *table_notes]]
+    da, pa = _accs(dense_ev), _accs(pruned_ev)
+    if (da or pa) and plots:
+        plot_accuracy(da, pa, dest / PLOTS["accuracy"])
+        md += ["", f"![accuracy per task, dense vs pruned]({PLOTS['accuracy']})"]
+
+    md += ["", "## Deployment", "", *_deployment(speed_dense, speed_pruned, usd_per_hour, speed_notes)]
+
+    md += ["", "## Sparsity per block", ""]
+    if plots:
+        plot_sparsity(res["layers"], float(res["sparsity_achieved"]), dest / PLOTS["sparsity"])
+        md += [f"![attention and FFN sparsity per block]({PLOTS['sparsity']})", ""]
+    md += _layers(res)
+
+    md += ["", "## Search", ""]
+    its = (res.get("search") or {}).get("iterations") or []
+    if res.get("method") != "tyr":
+        md.append(f"No search (method `{res.get('method')}`), so no fitness plot.")
+    elif not its:
+        md.append("The result records no search iterations, so no fitness plot.")
+    else:
+        md += _search(res)
+        if plots and _fitness_points(its):
+            plot_fitness(its, dest / PLOTS["fitness"])
+            md += ["", f"![parent fitness per generation]({PLOTS['fitness']})"]
+        md.append("")
+        md.append(
+            "Fitness: top-k KL divergence of the pruned logits from the dense model's on fresh "
+            "calibration minibatches (lower is better); each iteration re-centres with half the step."
+        )
+
+    md += ["", "## Timings of the run", "", *_timings(res)]
+    if not plots:
+        md += ["", "Plots skipped: matplotlib is not installed (`pip install matplotlib`)."]
+    path = dest / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path

@@ -1,0 +1,196 @@
+"""`tyr plan` estimates from configs alone: counts, bytes, speedups, the run-time calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tyr import plan
+from tyr.config import PRESETS
+from tyr.errors import UserError
+
+
+def _saved(tmp_path: Path, config, name: str = "m") -> Path:
+    d = tmp_path / name
+    config.save_pretrained(d)
+    return d
+
+
+def _bare_json(tmp_path: Path, config, name: str = "bare.json") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(config.to_dict()))
+    return p
+
+
+def _smollm2_config():
+    """The embedded model's shape (SmolLM2-135M), without its weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
+
+
+def _llama8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2", "qwen3"])
+def test_counts_and_disk(tmp_path: Path, family: str) -> None:
+    d = _saved(tmp_path, tiny_config(family))
+    est = plan.estimate(str(d), 0.4, method="uniform")
+    p = est["params"]
+    assert p["pruned_block"] == pytest.approx(0.6 * p["dense_block"], rel=0.01)
+    assert p["pruned_total"] == p["dense_total"] - (p["dense_block"] - p["pruned_block"])
+    assert est["disk_bytes"] == {"dense": 4 * p["dense_total"], "pruned": 4 * p["pruned_total"]}
+    half = plan.estimate(str(d), 0.4, method="uniform", dtype="bfloat16")
+    assert half["params"] == p
+    assert {k: 2 * v for k, v in half["disk_bytes"].items()} == est["disk_bytes"]
+    json.dumps(est)  # JSON-serialisable as it is
+
+
+def test_bare_config_json_matches_directory(tmp_path: Path) -> None:
+    config = tiny_config("qwen2")
+    from_dir = plan.estimate(str(_saved(tmp_path, config)), 0.5)
+    from_file = plan.estimate(str(_bare_json(tmp_path, config)), 0.5)
+    for key in ("params", "disk_bytes", "ideal_speedup", "supernet_bytes", "runtime_s", "shape"):
+        assert from_file[key] == from_dir[key]
+    assert from_dir["shape"]["tied"] is True and from_dir["family"] == "qwen2"
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.8])
+def test_ideal_speedups_between_one_and_block_bound(tmp_path: Path, sparsity: float) -> None:
+    est = plan.estimate(str(_saved(tmp_path, tiny_config("llama"))), sparsity)
+    for value in est["ideal_speedup"].values():
+        assert 1.0 < value < 1.0 / (1.0 - sparsity)
+
+
+def test_supernet_and_teacher_only_for_tyr(tmp_path: Path) -> None:
+    d = str(_saved(tmp_path, tiny_config("mistral")))
+    tyr, uniform = plan.estimate(d, 0.5, method="tyr"), plan.estimate(d, 0.5, method="uniform")
+    assert tyr["supernet_bytes"] > 0 and tyr["teacher_cache_bytes"] > 0
+    assert tyr["workdir_bytes"] >= tyr["supernet_bytes"] + tyr["teacher_cache_bytes"]
+    assert uniform["supernet_bytes"] == uniform["teacher_cache_bytes"] == uniform["workdir_bytes"] == 0
+    assert tyr["runtime_s"]["supernet"] > 0 and tyr["runtime_s"]["search"] > 0
+    assert uniform["runtime_s"]["prune"] > 0 and uniform["runtime_s"]["search"] == 0
+
+
+def test_preset_numbers_come_from_config(tmp_path: Path) -> None:
+    d = str(_saved(tmp_path, tiny_config("llama")))
+    auto = plan.estimate(d, 0.5)  # tiny, on the CPU: quick
+    assert auto["preset"] == "quick"
+    smoke = plan.estimate(d, 0.5, preset="smoke")
+    for est, name in ((auto, "quick"), (smoke, "smoke")):
+        for key in ("calib_tokens", "seq_len", "eval_tokens", "iterations", "generations", "kl_topk"):
+            assert est["settings"][key] == PRESETS[name][key]
+    assert smoke["runtime_s"]["total"] < auto["runtime_s"]["total"]
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(UserError, match="unsupported architecture"):
+        plan.estimate(str(_saved(tmp_path, config)), 0.5)
+    with pytest.raises(UserError, match="unsupported architecture"):
+        plan.estimate(str(_bare_json(tmp_path, config)), 0.5)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.2, 1.5])
+def test_sparsity_outside_open_interval(tmp_path: Path, sparsity: float) -> None:
+    with pytest.raises(UserError, match="sparsity"):
+        plan.estimate(str(_saved(tmp_path, tiny_config("llama"))), sparsity)
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        plan.estimate(str(empty), 0.5)
+    no_type = tmp_path / "config.json"
+    no_type.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(UserError, match="model_type"):
+        plan.estimate(str(no_type), 0.5)
+    with pytest.raises(UserError):
+        plan.estimate(str(_saved(tmp_path, tiny_config("llama"))), 0.5, method="magic")
+
+
+def test_default_model_is_the_embedded_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tyr.models
+
+    monkeypatch.setattr(tyr.models, "open_model", lambda name: SimpleNamespace(config=tiny_config("llama")))
+    est = plan.estimate(None, 0.5)
+    assert est["model"] == tyr.models.DEFAULT_MODEL and est["family"] == "llama"
+
+
+def test_format_plan_mentions_each_quantity(tmp_path: Path) -> None:
+    d = str(_saved(tmp_path, tiny_config("llama")))
+    text = plan.format_plan(plan.estimate(d, 0.5))
+    for word in (
+        "parameters",
+        "disk",
+        "prefill",
+        "decode",
+        "supernet",
+        "teacher cache",
+        "work directory",
+        "peak RAM",
+        "search",
+        "eval",
+        "total",
+        "GPU",
+    ):
+        assert word in text, word
+    assert any(unit in text for unit in (" K |", " M |")) and any(u in text for u in ("KB", "MB"))
+    uniform = plan.format_plan(plan.estimate(d, 0.5, method="uniform"))
+    assert "run time: prune" in uniform and "supernet on disk" not in uniform
+
+
+def test_llama_8b_from_config_alone(tmp_path: Path) -> None:
+    est = plan.estimate(str(_saved(tmp_path, _llama8b_config())), 0.5)
+    assert est["params"]["dense_total"] == pytest.approx(8.03e9, rel=0.01)
+    assert est["preset"] == "paper" and est["shape"]["tied"] is False
+    assert est["disk_bytes"]["dense"] == pytest.approx(32.1e9, rel=0.01)
+    assert 1.0 < est["ideal_speedup"]["decode"] < 2.0
+    assert "B |" in plan.format_plan(est) and "GB" in plan.format_plan(est)
+    json.dumps(est)
+
+
+def test_runtime_calibration_reproduces_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    d = str(_saved(tmp_path, _smollm2_config()))
+    est = plan.estimate(d, 0.5, preset="quick")
+    assert est["params"]["dense_total"] == pytest.approx(134.5e6, rel=0.001)
+    assert est["runtime_s"]["supernet"] == pytest.approx(783, rel=0.15)
+    assert est["runtime_s"]["search"] == pytest.approx(740, rel=0.15)
+    # README: 0.6 GB of candidates per iteration, 65 MB of teacher logits, 2.5 GB in all.
+    assert est["supernet_bytes"] == pytest.approx(0.62 * 2**30, rel=0.1)
+    assert est["teacher_cache_bytes"] == 32768 * 256 * 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # twice the cores: half the time
+    faster = plan.estimate(d, 0.5, preset="quick")
+    assert faster["runtime_s"]["total"] == pytest.approx(est["runtime_s"]["total"] / 2, rel=0.01)

@@ -166,7 +166,7 @@ def test_format_plan_mentions_each_quantity(tmp_path: Path) -> None:
         "GPU",
     ):
         assert word in text, word
-    assert any(unit in text for unit in (" K |", " M |")) and any(u in text for u in ("KB", "MB"))
+    assert any(unit in text for unit in ("k |", "M |")) and any(u in text for u in ("kB", "MB"))
     uniform = plan.format_plan(plan.estimate(d, 0.5, method="uniform"))
     assert "run time: prune" in uniform and "supernet on disk" not in uniform
 

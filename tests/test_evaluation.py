@@ -124,3 +124,61 @@ def test_evaluate_and_cli(task_wheel, tmp_path, calib_txt, capsys):
     )
     assert main(["eval", str(out), "--tasks", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+LOCAL_TASK = """task: tiny_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices.text}}}}"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_adapter_agrees_with_our_scoring(tmp_path, monkeypatch):
+    """lm-evaluation-harness on an in-memory pruned model with a local task (no network), and
+    our scorer gives the same per-option log-likelihoods and accuracies on the same questions."""
+    from tyr.evaluation import lm_eval_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    rows = [
+        {
+            "question": f"w{i} w{i + 1} w{i + 2}",
+            "choices": {"text": [f"w{i + 3}", f"w{i + 5} w{i + 1}", "w9"], "label": ["A", "B", "C"]},
+            "answerKey": "ABC"[i % 3],
+        }
+        for i in range(6)
+    ]
+    data = tmp_path / "tiny_arc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "tiny_arc.yaml").write_text(LOCAL_TASK.format(data=data))
+    _, sliced, _, _ = pruned_pair("llama", "free")
+    tok = tiny_tokenizer()
+    tok.eos_token = "<unk>"
+    out = lm_eval_harness(sliced, tok, ["tiny_arc"], include_path=tasks_dir)
+    res = out["results"]["tiny_arc"]
+
+    from tyr.tasks import _arc
+
+    ours = [score_doc(sliced, tok, _arc(r)) for r in rows]
+    theirs = {s["doc_id"]: [float(x[0]) for x in s["filtered_resps"]] for s in out["samples"]["tiny_arc"]}
+    for i, lls in enumerate(ours):
+        assert lls == pytest.approx(theirs[i], abs=1e-4)
+    acc = (
+        sum(
+            max(range(3), key=lambda j: lls[j]) == "ABC".index(r["answerKey"])
+            for lls, r in zip(ours, rows, strict=True)
+        )
+        / 6
+    )
+    assert res["acc,none"] == pytest.approx(acc)

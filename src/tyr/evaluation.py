@@ -31,7 +31,7 @@ from tyr.data import windows
 from tyr.errors import UserError
 from tyr.perplexity import perplexity
 
-__all__ = ["SCHEMA", "evaluate", "score_doc", "open_for_eval"]
+__all__ = ["SCHEMA", "evaluate", "score_doc", "open_for_eval", "lm_eval_harness"]
 
 log = logging.getLogger("tyr")
 SCHEMA = "tyr.eval/1"
@@ -166,3 +166,32 @@ def evaluate(
     if json_path is not None:
         Path(json_path).expanduser().write_text(json.dumps(data, indent=2) + "\n")
     return data
+
+
+def lm_eval_harness(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run lm-evaluation-harness (``pip install lm-eval``) on an in-memory model, e.g. a pruned
+    one before export; `include_path` is a folder of extra task YAMLs. Returns lm-eval's
+    ``results`` (per task, metric → value) and the per-sample log-likelihoods under ``samples``."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise UserError("lm-evaluation-harness is not installed", "pip install 'tyr-pruner[lmeval]'") from exc
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=True, **kwargs
+    )
+    assert out is not None
+    return {"results": out["results"], "samples": out.get("samples", {})}

@@ -21,7 +21,16 @@ from tyr import arch, modeling_tyr
 from tyr.errors import UserError
 from tyr.modeling import LayerPlan, plans_metadata
 
-__all__ = ["FORMAT", "MODELING", "modeling_sha256", "export_config", "save_pruned", "load", "verify_export"]
+__all__ = [
+    "FORMAT",
+    "MODELING",
+    "modeling_sha256",
+    "export_config",
+    "save_pruned",
+    "write_card",
+    "load",
+    "verify_export",
+]
 
 FORMAT = "tyr.pruned/1"
 MODELING = "modeling_tyr.py"
@@ -77,6 +86,8 @@ def save_pruned(
     dest.mkdir(parents=True, exist_ok=True)
     hf_model: Any = model
     hf_model.save_pretrained(dest, max_shard_size=max_shard_size)  # weights + generation_config.json
+    for shard in dest.glob("*.safetensors"):
+        shard.chmod(0o644)  # the writer creates them owner-only; the rest of DIR is 0644
     config = export_config(model, plans, shape)
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (dest / MODELING).write_bytes(_modeling_source())
@@ -105,8 +116,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     config = _tyr_config(path)
     spec = arch.spec_for_config(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if getattr(config, "tyr", None) is None:
+    meta = getattr(config, "tyr", None)
+    if meta is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif "names" not in meta:
+        raise UserError(
+            f"{path} was written by an older tyr (no block layout in config.json)", "prune it again"
+        )
     else:
         name = (getattr(config, "architectures", None) or [spec.architectures[0]])[0]
         cls = getattr(modeling_tyr, f"Tyr{name}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from typing import Any, NoReturn
@@ -198,3 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tyr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `tyr plan | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (keeps the interpreter's final flush quiet)
+        return 0

@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--variant-iterations", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--variants", default=None, help="comma-separated subset of " + ", ".join(n for n, _ in VARIANTS)
+    )
     args = ap.parse_args()
     root = Path(args.root)
     rows: list[dict[str, Any]] = []
@@ -70,7 +73,10 @@ def main() -> None:
 
     run("default, 4 iterations", "default", iterations=4)
     run("default, 1 iteration", "default", iterations=1)
+    chosen = args.variants.split(",") if args.variants else [n for n, _ in VARIANTS]
     for name, options in VARIANTS:
+        if name not in chosen:
+            continue
         run(f"{name}, {args.variant_iterations} it.", name, iterations=args.variant_iterations, **options)
     run("uniform (no search)", "uniform", method="uniform")
     print(json.dumps(_report(args, rows), indent=2))

@@ -182,3 +182,12 @@ def test_lm_eval_adapter_agrees_with_our_scoring(tmp_path, monkeypatch):
         / 6
     )
     assert res["acc,none"] == pytest.approx(acc)
+    lengths = [[len(t) for t in r["choices"]["text"]] for r in rows]
+    acc_norm = (
+        sum(
+            max(range(3), key=lambda j: lls[j] / n[j]) == "ABC".index(r["answerKey"])
+            for lls, n, r in zip(ours, lengths, rows, strict=True)
+        )
+        / 6
+    )
+    assert res["acc_norm,none"] == pytest.approx(acc_norm)

@@ -59,15 +59,16 @@ def _score_context(model: nn.Module, ctx: list[int], conts: list[list[int]], dev
     ctx = ctx[-max(1, limit - longest) :]  # lm-eval truncates the context from the left
     out = model(torch.tensor([ctx], device=device), use_cache=longest > 1, logits_to_keep=1)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    scores = [float(first[c[0]]) for c in conts]
-    if longest == 1:
+    scores = [float(first[c[0]]) if c else 0.0 for c in conts]
+    if longest <= 1:
         return scores
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     assert cache is not None, "the model returns its KV cache with use_cache=True"
     cache.batch_repeat_interleave(len(conts))
     batch = torch.zeros(len(conts), longest - 1, dtype=torch.long, device=device)  # right padding
     for i, c in enumerate(conts):
-        batch[i, : len(c) - 1] = torch.tensor(c[:-1])
+        if len(c) > 1:
+            batch[i, : len(c) - 1] = torch.tensor(c[:-1])
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     logp = torch.log_softmax(model(batch, **{key: cache}).logits.float(), dim=-1)
     for i, c in enumerate(conts):
@@ -97,7 +98,8 @@ def _run_task(model: nn.Module, tokenizer: Any, name: str, limit: int | None, de
     hits = hits_norm = 0
     for doc in tqdm(docs, desc=f"eval {name}", unit="q", leave=False):
         lls = score_doc(model, tokenizer, doc, device)
-        lengths = [len(o) for _, o in doc.requests]
+        # lm-eval normalises by the option's length in characters, its target delimiter excluded
+        lengths = [len(o.removeprefix(" ")) for _, o in doc.requests]
         best = max(range(len(lls)), key=lambda i: lls[i])
         best_norm = max(range(len(lls)), key=lambda i: lls[i] / max(1, lengths[i]))
         hits += best == doc.gold

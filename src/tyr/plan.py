@@ -17,9 +17,10 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
 - ``disk_bytes``: ``dense``, ``pruned``: parameters × 4 (float32) or 2 (bfloat16) bytes.
 - ``ideal_speedup``: ``decode`` = dense ÷ pruned bytes of weights read per generated token
   (every weight once, one row of the input embedding, the whole lm_head even when tied);
-  ``prefill`` = dense ÷ pruned FLOPs per prompt token at the preset's seq_len (2 FLOPs per
-  multiply-add of every linear including the lm_head, plus causal attention scores and values;
-  query heads assumed to shrink with the block parameters). Memory-bound and compute-bound
+  ``prefill`` = dense ÷ pruned FLOPs of the forward that ``generate`` runs on a prompt of the
+  preset's seq_len (2 FLOPs per multiply-add of every block linear for every token, the lm_head
+  for the last position only, plus causal attention scores and values; query heads assumed to
+  shrink with the block parameters). Memory-bound and compute-bound
   limits; real kernels get less.
 - ``supernet_bytes``: one iteration's supernet on disk (the first, widest-step one; 0 for
   ``uniform``): for each sub-layer and level, the compact o_proj / down_proj weight in the
@@ -238,6 +239,11 @@ def forward_flops(dims: Dims, seq_len: int, kept: float = 1.0, head_rows: int | 
     return 2 * (kept * dims.block + head) + kept * attention_score_flops(dims.shape, seq_len)
 
 
+def prefill_flops(dims: Dims, seq_len: int, kept: float = 1.0) -> float:
+    """FLOPs per prompt token of a prefill that computes logits at the last position only."""
+    return forward_flops(dims, seq_len, kept, head_rows=0) + 2 * dims.head / seq_len
+
+
 def decode_params_read(dims: Dims, removed: int) -> int:
     """Parameters read per generated token (× dtype bytes = bytes): all weights once, one
     input-embedding row, the whole lm_head (a tied one again, as the output projection)."""
@@ -439,7 +445,7 @@ def estimate(
     kept = kept_block / dims.block
     pruned_total = dims.total - removed
 
-    prefill = forward_flops(dims, settings.seq_len) / forward_flops(dims, settings.seq_len, kept)
+    prefill = prefill_flops(dims, settings.seq_len) / prefill_flops(dims, settings.seq_len, kept)
     decode = decode_params_read(dims, 0) / decode_params_read(dims, removed)
 
     iterations = range(1, settings.iterations + 1)

@@ -95,7 +95,7 @@ def save_pruned(
         tokenizer.save_pretrained(dest)
 
 
-def _tyr_config(path: Path) -> Any:
+def _read_config(path: Path) -> Any:
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
@@ -113,7 +113,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     import transformers
 
     path = Path(path).expanduser()
-    config = _tyr_config(path)
+    config = _read_config(path)
     spec = arch.spec_for_config(config)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     meta = getattr(config, "tyr", None)

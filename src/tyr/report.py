@@ -17,7 +17,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tyr.api import SCHEMA as RESULT_SCHEMA
 from tyr.errors import UserError
+from tyr.evaluation import SCHEMA as EVAL_SCHEMA
 from tyr.speed import cost_per_million, measure_in_subprocess
 from tyr.tasks import CHANCE, PAPER7
 
@@ -35,8 +37,6 @@ __all__ = [
 
 log = logging.getLogger("tyr")
 
-RESULT_SCHEMA = "tyr.result/1"
-EVAL_SCHEMA = "tyr.eval/1"
 PLOTS = {"sparsity": "sparsity_per_block.png", "fitness": "fitness.png", "accuracy": "accuracy.png"}
 
 ABOVE_CHANCE_MIN = 0.05  # a task counts when dense is at least 5 points above chance (PROTOCOL.md)

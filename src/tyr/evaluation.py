@@ -76,7 +76,8 @@ def _score_context(model: nn.Module, ctx: list[int], conts: list[list[int]], dev
     for i, c in enumerate(conts):
         if len(c) > 1:
             batch[i, : len(c) - 1] = torch.tensor(c[:-1])
-    logp = torch.log_softmax(model(batch, **{_cache_kwarg(type(model)): cache}).logits.float(), dim=-1)
+    cls: Any = type(model)
+    logp = torch.log_softmax(model(batch, **{_cache_kwarg(cls): cache}).logits.float(), dim=-1)
     for i, c in enumerate(conts):
         if len(c) > 1:
             target = torch.tensor(c[1:], device=device)

@@ -204,6 +204,26 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, calib_txt, tmp_path, caps
     _bad(capsys, _args(tiny_dir, calib_txt, out, "--config", str(broken)), "not a mapping", out)
     broken.write_bytes(b"\xff\xfe damp: 1")
     _bad(capsys, _args(tiny_dir, calib_txt, out, "--config", str(broken)), "cannot parse", out)
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in tiny_dir.iterdir():
+        if "token" not in f.name:
+            (no_tok / f.name).write_bytes(f.read_bytes())
+    _bad(capsys, _args(no_tok, calib_txt, out), "tokenizer", out)
+    # The tiny model has 256 positions: an explicit longer --seq-len is refused.
+    _bad(capsys, [*_args(tiny_dir, calib_txt, out), "--seq-len", "512"], "context of 256 positions", out)
+    genome = tmp_path / "genome.json"
+    genome.write_text(json.dumps({"attn": [0, 9, 1], "mlp": [0, 0, 0]}))
+    _bad(
+        capsys,
+        [*_args(tiny_dir, calib_txt, out), "--genome", str(genome)],
+        "attn[1] = 9 is outside 0..6",
+        out,
+    )
+    genome.write_text(json.dumps({"attn": [0, 0, 0], "mlp": [0, -1, 0]}))
+    _bad(capsys, [*_args(tiny_dir, calib_txt, out), "--genome", str(genome)], "mlp[1] = -1 is outside", out)
+    genome.write_text("{")
+    _bad(capsys, [*_args(tiny_dir, calib_txt, out), "--genome", str(genome)], "cannot read --genome", out)
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "result.json").write_text("{truncated")

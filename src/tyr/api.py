@@ -27,6 +27,7 @@ from tyr.search.driver import SearchOptions, search_prune
 from tyr.stream import capture
 from tyr.supernet import SupernetOptions
 from tyr.uniform import SolverOptions, prune_uniform
+from tyr.workdir import atomic_json, check_options, fsync_tree, locked, pid_alive
 
 __all__ = ["Result", "prune"]
 
@@ -82,6 +83,7 @@ def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
                 f"--out {cfg.out} is not empty and does not hold this configuration's result",
                 "pass --overwrite or choose another directory",
             )
+    _remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +95,18 @@ def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
     return out, tmp, None
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary siblings of `out` that a killed run left behind."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _finish_out(tmp: Path, out: Path) -> None:
+    fsync_tree(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         out.rename(old)
@@ -108,9 +121,7 @@ def _dense_ppl_cached(key_parts: dict[str, Any], compute) -> float:
         return float(json.loads(path.read_text())["ppl"])
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({**key_parts, "ppl": value}))
-    os.replace(tmp, path)
+    atomic_json(path, {**key_parts, "ppl": value})
     return value
 
 
@@ -149,36 +160,39 @@ def run(cfg: PruneConfig, command: str | None = None) -> Result:
     """Run a validated configuration; `command` is what the model card quotes as its origin
     (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call)."""
     clock = _Clock()
-    t = clock.start
-    explicit = {k for k in DATA_KEYS if getattr(cfg, k) is not None}
     out, tmp, done = _prepare_out(cfg)
     if done is not None:
         log.info("%s already holds this result; nothing to do", out)
         return done
+    workdir = (
+        Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / cfg.work_identity()
+    )
     try:
-        return _run(cfg, clock, t, explicit, out, tmp, cfg.identity(), command or cfg.api_call())
+        with locked(workdir):
+            check_options(workdir, cfg.work_options(), record=False)
+            return _run(cfg, clock, out, tmp, workdir, command or cfg.api_call())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _run(
-    cfg: PruneConfig,
-    clock: _Clock,
-    t: float,
-    explicit: set[str],
-    out: Path,
-    tmp: Path,
-    identity: str,
-    command: str,
-) -> Result:
+def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
+    """The run of `asked` (the options as given; presets are resolved here), holding `workdir`."""
+    t = clock.start
+    cfg, explicit = asked, {k for k in DATA_KEYS if getattr(asked, k) is not None}
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
-    opened = open_model(cfg.model)
+    opened = open_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tok, spec = opened.tokenizer, opened.spec
     cfg, preset = resolve_preset(cfg, opened.param_count())
+    centres = _read_genome(cfg.genome, opened.config) if cfg.genome and cfg.method == "tyr" else None
     assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
     seq_len = min(cfg.seq_len, int(getattr(opened.config, "max_position_embeddings", cfg.seq_len)))
+    if seq_len < cfg.seq_len and "seq_len" in explicit:
+        raise UserError(
+            f"--seq-len {cfg.seq_len} exceeds the model's context of {seq_len} positions",
+            f"give --seq-len {seq_len} or less",
+        )
     if seq_len < cfg.seq_len:
         log.warning("seq_len %d exceeds the model's %d positions; using %d", cfg.seq_len, seq_len, seq_len)
     t = clock.add("load", t)
@@ -203,9 +217,7 @@ def _run(
     model = load_weights(opened, getattr(torch, cfg.dtype))
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    workdir = Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / identity
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    check_options(workdir, asked.work_options(), record=True)
     log.info(
         "model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
         opened.name,
@@ -239,7 +251,7 @@ def _run(
 
     search_log: list[dict[str, Any]] | None = None
     if cfg.method == "tyr":
-        plans, search_log = _search(cfg, model, spec, shape, calib, workdir)
+        plans, search_log = _search(cfg, model, spec, shape, calib, workdir, centres)
         supernet_s = sum(r["supernet_seconds"] for r in search_log)
         clock.spans["supernet"] = round(supernet_s, 3)
         clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
@@ -293,14 +305,14 @@ def _run(
             "eval_tokens": int(heldout.numel()) if heldout is not None else 0,
             "preset_resolved": preset,
         },
-        "config_identity": identity,
+        "config_identity": asked.identity(),
         "command": command,
         "modeling_sha256": modeling_sha256(),
         "seed": cfg.seed,
         "machine": {"cpus": os.cpu_count() or 1, "device": _device_name(cfg.device)},
     }
     write_card(tmp, data, command, opened.provenance())
-    (tmp / RESULT).write_text(json.dumps(data, indent=2))
+    atomic_json(tmp / RESULT, data, indent=2)
     _finish_out(tmp, out)
     return Result(out, data)
 
@@ -312,15 +324,16 @@ def _search(
     shape: arch.Shape,
     calib: torch.Tensor,
     workdir: Path,
+    centres: dict[str, list[int]] | None,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
-    """The global search (--method tyr); stage sizes are clipped to the calibration pool."""
+    """The global search (--method tyr), or one given genome (`centres`); stage sizes are
+    clipped to the calibration pool."""
     pool = calib.numel()
     stages = int_list(cfg.stage_tokens)
     if max(stages) > pool:
         log.warning("selection stages %s exceed the %d calibration tokens; clipping", stages, pool)
         stages = tuple(min(s, pool) for s in stages)
     assert cfg.iterations and cfg.generations and cfg.offspring and cfg.kl_topk
-    centres = _read_genome(cfg.genome, shape) if cfg.genome else None
     if centres is not None:
         log.info("applying the genome of %s: one supernet level per sub-layer, no search", cfg.genome)
     opt = SearchOptions(
@@ -363,41 +376,46 @@ def _search(
     )
 
 
-def _read_genome(path: str, shape: arch.Shape) -> dict[str, list[int]]:
+def _read_genome(path: str, config: Any) -> dict[str, list[int]]:
     """Units removed per block from `--genome`: {"attn": [...], "mlp": [...]} (attention in query
-    heads), or a tyr result.json (its final search genome, or its per-layer widths)."""
+    heads), or a tyr result.json (its final search genome, or its per-layer widths). Checked
+    against the model's config before any work."""
+    L, n_q, d_ff = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    need = (
+        f'give {{"attn": [{L} head counts 0..{n_q}], "mlp": [{L} neuron counts 0..{d_ff}]}}'
+        " or a tyr result.json"
+    )
     try:
         data = json.loads(Path(path).expanduser().read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read --genome {path}: {exc}", "give a JSON file") from exc
-    L = shape.n_layers
-    if isinstance(data, dict) and data.get("search"):
-        last = data["search"]["iterations"][-1]
-        steps = {"attn": last["step_attn"], "mlp": last["step_mlp"]}
-        counts = [
-            c + k * steps["attn" if i % 2 == 0 else "mlp"]
-            for i, (c, k) in enumerate(zip(last["centres"], last["genome"], strict=True))
-        ]
-        genome = {"attn": counts[0::2], "mlp": counts[1::2]}
-    elif isinstance(data, dict) and data.get("layers"):
-        genome = {
-            "attn": [shape.n_q - r["q_heads"] for r in data["layers"]],
-            "mlp": [shape.intermediate - r["intermediate"] for r in data["layers"]],
-        }
-    else:
-        genome = data
-    ok = isinstance(genome, dict) and all(
-        isinstance(genome.get(k), list)
-        and len(genome[k]) == L
-        and all(isinstance(x, int) and 0 <= x <= n for x in genome[k])
-        for k, n in (("attn", shape.n_q), ("mlp", shape.intermediate))
-    )
-    if not ok:
-        raise UserError(
-            f"--genome {path} is not a genome for this model",
-            f'give {{"attn": [{L} head counts 0..{shape.n_q}], '
-            f'"mlp": [{L} neuron counts 0..{shape.intermediate}]}} or a tyr result.json',
-        )
+    try:
+        if isinstance(data, dict) and data.get("search"):
+            last = data["search"]["iterations"][-1]
+            steps = {"attn": last["step_attn"], "mlp": last["step_mlp"]}
+            counts = [
+                c + k * steps["attn" if i % 2 == 0 else "mlp"]
+                for i, (c, k) in enumerate(zip(last["centres"], last["genome"], strict=True))
+            ]
+            genome = {"attn": counts[0::2], "mlp": counts[1::2]}
+        elif isinstance(data, dict) and data.get("layers"):
+            genome = {
+                "attn": [n_q - r["q_heads"] for r in data["layers"]],
+                "mlp": [d_ff - r["intermediate"] for r in data["layers"]],
+            }
+        else:
+            genome = data
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"--genome {path} is a damaged tyr result ({exc!r})", need) from exc
+    if not isinstance(genome, dict):
+        raise UserError(f"--genome {path} is not a genome for this model", need)
+    for key, n in (("attn", n_q), ("mlp", d_ff)):
+        values = genome.get(key)
+        if not isinstance(values, list) or len(values) != L:
+            raise UserError(f"--genome {path}: {key!r} is not a list of {L} integers (one per block)", need)
+        for b, x in enumerate(values):
+            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= n:
+                raise UserError(f"--genome {path}: {key}[{b}] = {x!r} is outside 0..{n}", need)
     return {"attn": list(genome["attn"]), "mlp": list(genome["mlp"])}
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input or environment (one line on stderr), 1 intern
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ from tyr.config import PRESET_NAMES, PruneConfig, check_keys, load_config_file, 
 from tyr.errors import UserError
 
 __all__ = ["main"]
+
+# Failures of the machine, not of tyr: exit code 2 with one line, like bad input.
+_ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +65,11 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument("--dtype", help="float32 (default) or bfloat16")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, help="seed")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code that the input checkpoint ships (off: only transformers' own classes)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -195,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         return {"eval": _eval, "report": _report, "plan": _plan}[ns.command](ns)
     except UserError as exc:
         print(f"tyr: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRORS:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        todo = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the permissions"
+        print(
+            f"tyr: error: {exc.strerror or os.strerror(exc.errno)}{where}; {todo} (or point --workdir, "
+            "--out or TYR_HOME elsewhere) and rerun the same command: finished work is kept",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("tyr: interrupted", file=sys.stderr)

@@ -59,6 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
+# Options that only change how the result is evaluated, not the work files.
+EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
 
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -112,6 +114,9 @@ class PruneConfig:
     overwrite: bool = field(default=False, metadata=_meta("replace a non-empty --out"))
     dtype: str = field(default="float32", metadata=_meta("model dtype", ("float32", "bfloat16")))
     device: str = field(default="cpu", metadata=_meta("compute device", ("cpu", "cuda")))
+    trust_remote_code: bool = field(
+        default=False, metadata=_meta("run Python code shipped with the input checkpoint (auto_map)")
+    )
     seed: int = field(default=0, metadata=_meta("seed of every random choice"))
 
     def __post_init__(self) -> None:
@@ -137,6 +142,10 @@ class PruneConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise UserError(f"{key}={value} must be positive", "give a positive integer")
+        if self.method != "tyr" and self.genome is not None:
+            raise UserError(
+                f"genome is only for --method tyr, not {self.method}", "drop --genome or --method"
+            )
         if self.method == "tyr" and self.solver != "obs":
             raise UserError(
                 f"solver={self.solver} is only for --method uniform", "drop it or add --method uniform"
@@ -166,16 +175,29 @@ class PruneConfig:
     def identity(self) -> str:
         """Hash of everything that changes the result (not where it is written); local input
         files count with their size and modification time, so an edited file is a new run."""
-        keep: dict[str, Any] = {
-            k: v for k, v in self.to_dict().items() if k not in ("out", "workdir", "overwrite")
-        }
+        return _digest(self._options(exclude=("out", "workdir", "overwrite")))
+
+    def work_options(self) -> dict[str, Any]:
+        """The options that shape the work directory's files (all but where the result goes and
+        how it is evaluated): resuming a work directory requires the same ones."""
+        return self._options(exclude=("out", "workdir", "overwrite", *EVAL_KEYS))
+
+    def work_identity(self) -> str:
+        return _digest(self.work_options())
+
+    def _options(self, exclude: tuple[str, ...]) -> dict[str, Any]:
+        keep: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in exclude}
         for key in ("model", "calib", "eval_data"):
-            value = keep[key]
+            value = keep.get(key)
             path = Path(value).expanduser() if value else None
             if path is not None and path.exists():
                 files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
-                keep[key + "_files"] = [(q.name, q.stat().st_size, q.stat().st_mtime_ns) for q in files]
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+                keep[key + "_files"] = [[q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in files]
+        return keep
+
+
+def _digest(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _int_list(key: str, value: str | None) -> tuple[int, ...] | None:

@@ -132,7 +132,7 @@ def open_for_eval(
         path = Path(str(model)).expanduser()
         loaded = export.load(path, dtype=dtype)
         try:
-            tok = tokenizer or AutoTokenizer.from_pretrained(path)
+            tok = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} has no readable tokenizer", "export it with its tokenizer") from exc
         return loaded, tok, str(model)

@@ -46,7 +46,11 @@ def modeling_sha256() -> str:
 
 
 def _base_class_name(model: nn.Module) -> str:
-    return type(model).__name__.removeprefix("Tyr")
+    """The transformers class the export builds on: the model's own, or its family's first when
+    the model came from a checkpoint's custom code."""
+    name = type(model).__name__.removeprefix("Tyr")
+    spec = arch.spec_for(model)
+    return name if name in spec.architectures else spec.architectures[0]
 
 
 def export_config(model: nn.Module, plans: list[LayerPlan | None], shape: arch.Shape) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def _read_config(path: Path) -> Any:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json", "point at the --out of a finished tyr prune")
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}", "re-export it"
@@ -115,7 +119,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     path = Path(path).expanduser()
     config = _read_config(path)
     spec = arch.spec_for_config(config)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
     meta = getattr(config, "tyr", None)
     if meta is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)

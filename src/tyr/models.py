@@ -117,6 +117,7 @@ class Opened:
     spec: arch.ArchSpec
     tokenizer: Any
     name: str
+    trust_remote_code: bool = False  # run Python code shipped with the checkpoint
 
     def provenance(self) -> dict[str, str | None]:
         """Base model id and licence for the model card: the embedded default's are known; a
@@ -141,35 +142,45 @@ class Opened:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            return arch.count_total_params(AutoModelForCausalLM.from_config(self.config))
+            model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=self.trust_remote_code)
+            return arch.count_total_params(model)
 
 
-def open_model(name: str | None) -> Opened:
-    """Locate a model and check that tyr supports it, without reading its weights."""
+def open_model(name: str | None, trust_remote_code: bool = False) -> Opened:
+    """Locate a model and check that tyr supports it, without reading its weights. A
+    checkpoint's own Python code (its config's ``auto_map``) runs only with `trust_remote_code`;
+    otherwise transformers' class for its ``model_type`` is used."""
     from transformers import AutoConfig, AutoTokenizer
 
     where = resolve(name)
     try:
-        config = AutoConfig.from_pretrained(where)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot load model {name!r}: {str(exc).splitlines()[0]}", "check the id or path"
-        ) from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        todo = "check the id or path"
+        if "trust_remote_code" in str(exc):
+            first, todo = "it needs its own Python code", "pass --trust-remote-code if you trust its source"
+        raise UserError(f"cannot load model {name!r}: {first}", todo) from exc
     spec = arch.spec_for_config(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
         raise UserError(
-            f"cannot load the tokenizer of {name!r}", "the model directory needs tokenizer files"
+            f"cannot load the tokenizer of {name!r}",
+            "the model directory needs its tokenizer files (tokenizer.json or tokenizer.model)",
         ) from exc
-    return Opened(where, config, spec, tokenizer, name or DEFAULT_MODEL)
+    if tokenizer is None or not callable(tokenizer):
+        raise UserError(f"{name!r} has no tokenizer", "add its tokenizer files to the model directory")
+    return Opened(where, config, spec, tokenizer, name or DEFAULT_MODEL, trust_remote_code)
 
 
 def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model on the CPU in eval mode, with SDPA attention."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(opened.where, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        opened.where, dtype=dtype, attn_implementation="sdpa", trust_remote_code=opened.trust_remote_code
+    )
     return model.eval()
 
 

@@ -165,7 +165,7 @@ def load_config(model: str | None) -> tuple[Any, str]:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(path), model
+            return AutoConfig.from_pretrained(path, trust_remote_code=False), model
         except (OSError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"cannot read the config in {model}: {first}", "check config.json") from exc

@@ -8,16 +8,16 @@ and ``kept`` / ``kept_kv`` (int32 ascending unit indices).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,6 +31,7 @@ from tyr.search.space import Gene
 from tyr.stats import collect_gram, propagate_mlp
 from tyr.stream import BlockInputs, forward_block, on_device, to_device
 from tyr.surgery import compact_cols, expand_cols
+from tyr.workdir import atomic_json, atomic_write
 
 __all__ = [
     "ACCUMULATIONS",
@@ -86,15 +87,6 @@ class Candidate:
         return d
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Store:
     """A self-describing directory of one iteration's candidates with a versioned manifest."""
 
@@ -103,8 +95,15 @@ class Store:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.dir / "manifest.json"
         self.identity = identity
+        manifest = None
         if self.manifest_path.is_file():
-            manifest = json.loads(self.manifest_path.read_text())
+            try:
+                manifest = json.loads(self.manifest_path.read_text())
+                manifest["sublayers"]
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("%s is damaged (%s); its sub-layers are recomputed", self.manifest_path, exc)
+                manifest = None
+        if manifest is not None:
             if manifest.get("identity") != identity:
                 raise UserError(
                     f"{self.dir} holds a supernet built with a different configuration",
@@ -121,7 +120,7 @@ class Store:
 
     def _write_manifest(self) -> None:
         manifest = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "sublayers": self.sublayers}
-        _atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+        atomic_json(self.manifest_path, manifest)
 
     def finished(self, gene: Gene) -> list[Candidate] | None:
         """The stored candidates of a finished sub-layer whose files all verify, else None
@@ -164,12 +163,9 @@ class Store:
             }
             rel = f"{self.key(gene)}/L{c.level:+d}.safetensors"
             path = self.dir / rel
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            save_file(tensors, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            c.path, c.sha256, c.bytes = rel, sha256_file(path), path.stat().st_size
+            data = save(tensors)
+            atomic_write(path, data)
+            c.path, c.sha256, c.bytes = rel, hashlib.sha256(data).hexdigest(), len(data)
         self.sublayers[self.key(gene)] = {"status": "done", "candidates": [c.meta() for c in cands]}
         self._write_manifest()
 
@@ -266,54 +262,57 @@ def build(
     probe = inputs.hidden[0].clone()  # dense activations of the first chunk, for the §6.5 check
     blocks = arch.layers(model, spec)
     attn_total, mlp_total = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
-    bar = tqdm(total=len(blocks), desc=desc, unit="block")
-    for b, layer in enumerate(blocks):
-        with on_device(layer, device):
-            a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-            dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
-            kw0 = to_device(inputs.kwargs[0], device)
-            probe = forward_block(layer, probe.to(device), kw0).to("cpu")
+    with tqdm(total=len(blocks), desc=desc, unit="block") as bar:
+        for b, layer in enumerate(blocks):
+            with on_device(layer, device):
+                a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+                dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
+                kw0 = to_device(inputs.kwargs[0], device)
+                probe = forward_block(layer, probe.to(device), kw0).to("cpu")
 
-            ga, gf = Gene(b, "attn"), Gene(b, "mlp")
-            cands_a = store.finished(ga)
-            if cands_a is None:
-                H_A = collect_gram(layer, a.o, inputs, device).H
-                cands_a = _attn_candidates(a.o, H_A, shape, sublayers[ga], opt)
-                store.save(ga, cands_a)
-            a.o.weight.copy_(
-                propagation_weight(
-                    cands_a, store, dense_o, shape.head_dim, shape.n_q, attn_total, opt.accumulation
-                )
-            )
-
-            # Sequential: FFN statistics under A_b's propagation weight (§6.3).
-            found = store.finished(gf)
-            chosen: list[list[Candidate]] = []
-
-            def choose(H: Tensor, m=m, gf=gf, found=found, chosen=chosen, dense_down=dense_down) -> Tensor:
-                cands = found
-                if cands is None:
-                    cands = _mlp_candidates(m.down, H, shape, sublayers[gf], opt)
-                    store.save(gf, cands)
-                chosen.append(cands)
-                return propagation_weight(
-                    cands, store, dense_down, 1, shape.intermediate, mlp_total, opt.accumulation
+                ga, gf = Gene(b, "attn"), Gene(b, "mlp")
+                cands_a = store.finished(ga)
+                if cands_a is None:
+                    H_A = collect_gram(layer, a.o, inputs, device).H
+                    cands_a = _attn_candidates(a.o, H_A, shape, sublayers[ga], opt)
+                    store.save(ga, cands_a)
+                a.o.weight.copy_(
+                    propagation_weight(
+                        cands_a, store, dense_o, shape.head_dim, shape.n_q, attn_total, opt.accumulation
+                    )
                 )
 
-            propagate_mlp(layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device)
-            cands_f = chosen[0]
-            a.o.weight.copy_(dense_o)
-            m.down.weight.copy_(dense_down)
+                # Sequential: FFN statistics under A_b's propagation weight (§6.3).
+                found = store.finished(gf)
+                chosen: list[list[Candidate]] = []
 
-        drift = float((inputs.hidden[0] - probe).norm() / probe.norm().clamp(min=1e-30))
-        pruned = any(c.removed_params > 0 for c in cands_a + cands_f)
-        if opt.accumulation != "none" and pruned and drift == 0.0:
-            raise RuntimeError(
-                f"block {b}: propagated activations equal the dense ones; accumulation is not acting"
-            )
-        log.debug("block %d: ‖X̄ − X_dense‖/‖X_dense‖ = %.4f", b, drift)
-        out[ga], out[gf] = cands_a, cands_f
-        bar.set_postfix(drift=f"{drift:.3f}")
-        bar.update()
-    bar.close()
+                def choose(
+                    H: Tensor, m=m, gf=gf, found=found, chosen=chosen, dense_down=dense_down
+                ) -> Tensor:
+                    cands = found
+                    if cands is None:
+                        cands = _mlp_candidates(m.down, H, shape, sublayers[gf], opt)
+                        store.save(gf, cands)
+                    chosen.append(cands)
+                    return propagation_weight(
+                        cands, store, dense_down, 1, shape.intermediate, mlp_total, opt.accumulation
+                    )
+
+                propagate_mlp(
+                    layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device
+                )
+                cands_f = chosen[0]
+                a.o.weight.copy_(dense_o)
+                m.down.weight.copy_(dense_down)
+
+            drift = float((inputs.hidden[0] - probe).norm() / probe.norm().clamp(min=1e-30))
+            pruned = any(c.removed_params > 0 for c in cands_a + cands_f)
+            if opt.accumulation != "none" and pruned and drift == 0.0:
+                raise RuntimeError(
+                    f"block {b}: propagated activations equal the dense ones; accumulation is not acting"
+                )
+            log.debug("block %d: ‖X̄ − X_dense‖/‖X_dense‖ = %.4f", b, drift)
+            out[ga], out[gf] = cands_a, cands_f
+            bar.set_postfix(drift=f"{drift:.3f}")
+            bar.update()
     return out

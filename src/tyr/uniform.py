@@ -77,55 +77,56 @@ def prune_uniform(
     attn_left = alloc.attn_params
     plans: list[LayerPlan | None] = []
     blocks = arch.layers(model, spec)
-    bar = tqdm(total=len(blocks), desc="pruning blocks", unit="block")
-    for b, layer in enumerate(blocks):
-        with on_device(layer, device):
-            a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-            # Attention: target the remaining budget spread evenly over the remaining blocks.
-            target = round(attn_left / (len(blocks) - b))
-            H_A = collect_gram(layer, a.o, inputs, device).H
-            sol_a = prune_attention(
-                make_problem(a.o.weight.T, H_A, damp=opt.damp),
-                shape,
-                target,
-                mode=opt.gqa,
-                saliency=opt.saliency,
-                magnitude=opt.solver == "magnitude",
-            )
-            heads = layout(sol_a.kept.tolist(), shape.n_q, shape.n_kv)
-            attn_left -= shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(
-                len(heads.kept_q), len(heads.kept_kv)
-            )
-            a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
+    with tqdm(total=len(blocks), desc="pruning blocks", unit="block") as bar:
+        for b, layer in enumerate(blocks):
+            with on_device(layer, device):
+                a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+                # Attention: target the remaining budget spread evenly over the remaining blocks.
+                target = round(attn_left / (len(blocks) - b))
+                H_A = collect_gram(layer, a.o, inputs, device).H
+                sol_a = prune_attention(
+                    make_problem(a.o.weight.T, H_A, damp=opt.damp),
+                    shape,
+                    target,
+                    mode=opt.gqa,
+                    saliency=opt.saliency,
+                    magnitude=opt.solver == "magnitude",
+                )
+                heads = layout(sol_a.kept.tolist(), shape.n_q, shape.n_kv)
+                attn_left -= shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(
+                    len(heads.kept_q), len(heads.kept_kv)
+                )
+                a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
 
-            # Pass 2 (sequential): down_proj statistics under the pruned attention.
-            solved: list[Solution] = []
+                # Pass 2 (sequential): down_proj statistics under the pruned attention.
+                solved: list[Solution] = []
 
-            def choose(H: Tensor, m=m, b=b, solved=solved) -> Tensor:
-                solved.append(_solve_mlp(m.down.weight.T, H, alloc.mlp_neurons[b], opt))
-                return solved[0].weight.T
+                def choose(H: Tensor, m=m, b=b, solved=solved) -> Tensor:
+                    solved.append(_solve_mlp(m.down.weight.T, H, alloc.mlp_neurons[b], opt))
+                    return solved[0].weight.T
 
-            propagate_mlp(layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device)
-            sol_f = solved[0]
-        plans.append(
-            LayerPlan(
-                heads=heads,
-                kept_neurons=tuple(sol_f.kept.tolist()),
-                o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
-                down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
+                propagate_mlp(
+                    layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device
+                )
+                sol_f = solved[0]
+            plans.append(
+                LayerPlan(
+                    heads=heads,
+                    kept_neurons=tuple(sol_f.kept.tolist()),
+                    o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
+                    down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
+                )
             )
-        )
-        log.debug(
-            "block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f",
-            b,
-            len(heads.kept_q),
-            shape.n_q,
-            len(heads.kept_kv),
-            len(sol_f.kept),
-            sol_a.eps,
-            sol_f.eps,
-        )
-        bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
-        bar.update()
-    bar.close()
+            log.debug(
+                "block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f",
+                b,
+                len(heads.kept_q),
+                shape.n_q,
+                len(heads.kept_kv),
+                len(sol_f.kept),
+                sol_a.eps,
+                sol_f.eps,
+            )
+            bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
+            bar.update()
     return plans

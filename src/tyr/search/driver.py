@@ -22,6 +22,7 @@ from tyr.search.fitness import KLFitness, LiveModel, TeacherCache
 from tyr.search.space import KINDS, Gene, Genome, Space, ffn_step_floor, level_range, step_units
 from tyr.stream import capture
 from tyr.supernet import Candidate, Store, SubLayer, SupernetOptions, build
+from tyr.workdir import atomic_json
 
 __all__ = ["SearchOptions", "search_prune"]
 
@@ -129,8 +130,8 @@ def search_prune(
         }
         store = Store(workdir / "supernet", t, ident)
         built = time.perf_counter()
-        loaded = store.load_all(genes) if (store.dir / "search.json").is_file() else None
-        if loaded is not None:  # a finished iteration: no forward pass needed
+        loaded = store.load_all(genes)
+        if loaded is not None:  # a finished supernet: no forward pass needed
             cands = loaded
         else:
             inputs = capture(model, spec, batches, device, offload, workdir)
@@ -155,31 +156,17 @@ def search_prune(
             done = json.loads(saved.read_text())
             best, fitness_log = tuple(done["genome"]), done["parent_fitness"]
         else:
-            space = _space(genes, subs, cands, target_attn, tol)
-            live = LiveModel(model, spec, shape, genes, cands, store)
-            fitness = KLFitness(
-                live, calib, teacher, opt.stage_tokens, random.Random(f"{opt.seed}-{t}-batches"), batch_size
+            best, fitness_log = _evolve_resumable(
+                store.dir / "search.ckpt.json",
+                _space(genes, subs, cands, target_attn, tol),
+                LiveModel(model, spec, shape, genes, cands, store),
+                calib,
+                teacher,
+                opt,
+                t,
+                batch_size,
             )
-            bar = tqdm(total=opt.generations, desc=f"search {t}/{opt.iterations}", unit="gen")
-            fitness_log = []
-
-            def progress(gen: int, record: Generation, bar=bar, fitness_log=fitness_log) -> None:
-                fitness_log.append(record.parent_fitness)
-                bar.set_postfix(kl=f"{record.parent_fitness:.4f}")
-                bar.update()
-
-            best, _ = evolve(
-                space,
-                fitness,
-                random.Random(f"{opt.seed}-{t}"),
-                generations=opt.generations,
-                offspring_count=opt.offspring,
-                survivors=opt.survivors,
-                on_generation=progress,
-            )
-            bar.close()
-            del live
-            saved.write_text(json.dumps({"genome": list(best), "parent_fitness": fitness_log}))
+            atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log})
         log_rows.append(
             {
                 "step_attn": steps["attn"],
@@ -205,6 +192,71 @@ def search_prune(
         heads = layout(a.kept, shape.n_q, shape.n_kv)
         plans.append(LayerPlan(heads, m.kept, store.weight(a).clone(), store.weight(m).clone()))
     return plans, log_rows
+
+
+def _evolve_resumable(
+    ckpt: Path,
+    space: Space,
+    live: LiveModel,
+    calib: Tensor,
+    teacher: TeacherCache,
+    opt: SearchOptions,
+    t: int,
+    batch_size: int,
+) -> tuple[Genome, list[float]]:
+    """Iteration t's evolution, checkpointed after every generation (parent, fitness log and
+    both random states), so that a resumed run continues exactly where the last one stopped."""
+    rng, batch_rng = random.Random(f"{opt.seed}-{t}"), random.Random(f"{opt.seed}-{t}-batches")
+    parent: Genome | None = None
+    fitness_log: list[float] = []
+    if ckpt.is_file():
+        try:
+            state = json.loads(ckpt.read_text())
+            parent, fitness_log = tuple(state["parent"]), list(state["parent_fitness"])
+            rng.setstate(_rng_state(state["rng"]))
+            batch_rng.setstate(_rng_state(state["batch_rng"]))
+            log.info("search %d: resuming after generation %d", t, len(fitness_log))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s is damaged (%s); this iteration's search starts again", ckpt, exc)
+            rng, batch_rng = random.Random(f"{opt.seed}-{t}"), random.Random(f"{opt.seed}-{t}-batches")
+            parent, fitness_log = None, []
+    fitness = KLFitness(live, calib, teacher, opt.stage_tokens, batch_rng, batch_size)
+    bar = tqdm(
+        total=opt.generations, initial=len(fitness_log), desc=f"search {t}/{opt.iterations}", unit="gen"
+    )
+
+    def progress(gen: int, record: Generation) -> None:
+        fitness_log.append(record.parent_fitness)
+        state = {
+            "parent": list(record.parent),
+            "parent_fitness": fitness_log,
+            "rng": rng.getstate(),
+            "batch_rng": batch_rng.getstate(),
+        }
+        atomic_json(ckpt, state, indent=None)
+        bar.set_postfix(kl=f"{record.parent_fitness:.4f}")
+        bar.update()
+
+    try:
+        best, _ = evolve(
+            space,
+            fitness,
+            rng,
+            generations=opt.generations - len(fitness_log),
+            offspring_count=opt.offspring,
+            survivors=opt.survivors,
+            start=parent,
+            on_generation=progress,
+        )
+    finally:
+        bar.close()
+    return best, fitness_log
+
+
+def _rng_state(saved: list[Any]) -> tuple[Any, ...]:
+    """random.Random.getstate() after a JSON round trip (lists back to tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def _vocab(model: nn.Module) -> int:

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
-import os
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,9 @@ from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
 from tyr.supernet import Candidate, Store
+from tyr.workdir import atomic_json, atomic_write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["topk_kl", "TeacherCache", "LiveModel", "KLFitness"]
 
@@ -49,20 +53,29 @@ class TeacherCache:
         self.root, self.k = root, k
         meta = {"n_seq": n_seq, "seq_len": seq_len, "k": k}
         meta_path = root / "meta.json"
-        fresh = not meta_path.is_file() or json.loads(meta_path.read_text()) != meta
+        self._filled_path = root / "filled.npy"
+        fresh = True
+        if meta_path.is_file():
+            try:
+                fresh = json.loads(meta_path.read_text()) != meta
+                if not fresh:
+                    self.filled = np.load(self._filled_path)
+                    fresh = self.filled.shape != (n_seq,) or self.filled.dtype != np.bool_
+            except (ValueError, OSError) as exc:
+                log.warning("teacher cache %s is damaged (%s); recomputing it", root, exc)
+                fresh = True
         mode: Literal["w+", "r+"] = "w+" if fresh else "r+"
         self.values = np.memmap(root / "values.f32", dtype=np.float32, mode=mode, shape=(n_seq, seq_len, k))
         self.index = np.memmap(root / "index.i32", dtype=np.int32, mode=mode, shape=(n_seq, seq_len, k))
-        self._filled_path = root / "filled.npy"
-        self.filled = np.zeros(n_seq, dtype=bool) if fresh else np.load(self._filled_path)
         if fresh:
-            meta_path.write_text(json.dumps(meta))
+            self.filled = np.zeros(n_seq, dtype=bool)  # the bitmap first: meta.json declares the cache usable
             self._save_filled()
+            atomic_json(meta_path, meta)
 
     def _save_filled(self) -> None:
-        tmp = self.root / f"filled.tmp{os.getpid()}.npy"
-        np.save(tmp, self.filled)
-        os.replace(tmp, self._filled_path)
+        buf = io.BytesIO()
+        np.save(buf, self.filled)
+        atomic_write(self._filled_path, buf.getvalue())
 
     def get(self, rows: Sequence[int], teacher_logits) -> tuple[Tensor, Tensor]:
         """[len(rows), T, k] values and indices; `teacher_logits(rows)` → [n, T, V] for the missing ones."""

@@ -2,10 +2,12 @@
 
 1. A reference run (its own work directory) is watched to learn when it builds supernets and
    when it searches.
-2. Each trial starts the same command in a fresh work directory, kills it (SIGKILL) at a random
-   moment of the reference's supernet builds or searches (half of the trials each), checks that
-   no output directory appeared, reruns the same command to completion, and compares the final
-   genome and the sha256 of the exported weights with the reference.
+2. Each trial starts the same command in a fresh work directory and kills it (SIGKILL) at a
+   random moment: a phase of the reference drawn at random (a sub-layer of a supernet build or a
+   generation of a search, half of the trials each, in proportion to the time spent there) and
+   a random delay within it. It checks that no output directory appeared, reruns the same
+   command to completion, and compares the final genome and the sha256 of the exported weights
+   with the reference.
 
     python benchmarks/crash_resume.py --kills 10 --json benchmarks/results/crash_resume.json
 
@@ -78,25 +80,40 @@ def command(args: list[str], out: Path, work: Path) -> list[str]:
 
 
 def watch(
-    cmd: list[str], work: Path, until: float | None = None
+    cmd: list[str], work: Path, target: str | None = None, delay: float = 0.0
 ) -> tuple[int, list[tuple[float, str]], float]:
-    """Run `cmd`, sampling its phase; SIGKILL it at `until` seconds. (exit code, timeline, wall)."""
+    """Run `cmd`, sampling its phase; with `target`, SIGKILL it `delay` seconds after it reaches
+    that phase. Returns (exit code, timeline, wall seconds)."""
     start = time.monotonic()
     log = work.with_name(work.name + ".log")
     with open(log, "ab") as sink:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sink)
     timeline: list[tuple[float, str]] = []
+    reached: float | None = None
     while proc.poll() is None:
         now = time.monotonic() - start
-        if until is not None and now >= until:
+        timeline.append((now, phase(work)))
+        if target is not None and reached is None and timeline[-1][1] == target:
+            reached = now
+        if reached is not None and now >= reached + delay:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             break
-        timeline.append((now, phase(work)))
-        time.sleep(0.05)
+        time.sleep(0.02)
     if proc.returncode not in (0, -signal.SIGKILL):
         raise SystemExit(f"tyr prune failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     return proc.returncode, timeline, time.monotonic() - start
+
+
+def segments(timeline: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    """(phase, seconds spent in it) for each phase of a run, in order."""
+    out: list[tuple[str, float]] = []
+    for (t, p), (t_next, _) in zip(timeline, [*timeline[1:], timeline[-1]], strict=True):
+        if out and out[-1][0] == p:
+            out[-1] = (p, out[-1][1] + t_next - t)
+        else:
+            out.append((p, t_next - t))
+    return out
 
 
 def main() -> None:
@@ -117,17 +134,23 @@ def main() -> None:
         f"reference: {ref_wall:.0f} s, genome {reference['genome']},"
         f" weights {reference['weights_sha256'][:16]}"
     )
-    moments = {k: [t for t, p in timeline if kind(p) == k] for k in ("supernet", "search")}
+    # Kill points: a phase of the reference (a supernet sub-layer or a search generation, half
+    # of the trials each, drawn in proportion to the time spent there) and a moment inside it,
+    # so that the kills land in the same places however fast the trial runs.
+    phases = {
+        k: [(p, d) for p, d in segments(timeline) if kind(p) == k and d > 0] for k in ("supernet", "search")
+    }
     rng = random.Random(ns.seed)
     plan = []
     for i in range(ns.kills):
-        times = moments["supernet" if i % 2 == 0 else "search"] or moments["supernet"]
-        plan.append(round(rng.uniform(min(times), max(times)), 2) if times else rng.uniform(0, ref_wall))
+        pool = phases["supernet" if i % 2 == 0 else "search"] or phases["supernet"]
+        p, d = rng.choices(pool, weights=[d for _, d in pool])[0]
+        plan.append((p, round(rng.uniform(0, d), 2)))
 
     trials: list[dict[str, Any]] = []
-    for i, at in enumerate(plan):
+    for i, (target, delay) in enumerate(plan):
         out, work = root / f"out{i}", root / f"w{i}"
-        code, tl, _ = watch(command(args, out, work), work, until=at)
+        code, tl, at = watch(command(args, out, work), work, target, delay)
         hit = tl[-1][1] if tl else "start"
         left_out = out.exists()
         t0 = time.monotonic()
@@ -137,7 +160,9 @@ def main() -> None:
         same = got == reference
         trials.append(
             {
-                "kill_at_s": at,
+                "target_phase": target,
+                "delay_s": delay,
+                "kill_at_s": round(at, 2),
                 "killed": code == -signal.SIGKILL,
                 "phase_at_kill": hit,
                 "output_existed_after_kill": left_out,

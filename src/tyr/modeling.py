@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tyr import arch
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import HeadLayout, layout
-from tyr.modeling_tyr import TyrAttention
+from tyr.modeling_tyr import TyrAttention, attention_extras
 from tyr.surgery import expand_cols, slice_gate_up, slice_qkv
 
 __all__ = [
@@ -83,6 +83,7 @@ def set_attention(
         dense.q_norm,
         dense.k_norm,
         spec.attention_names,
+        **attention_extras(dense.module),
     )
     setattr(layer, spec.attn, attn)
 

@@ -80,6 +80,8 @@ class TyrAttention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         names: tuple[str | None, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", None, None),
+        scaling: float | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self._names = tuple(names)
@@ -92,7 +94,8 @@ class TyrAttention(nn.Module):
         self._index: Tensor | None = None
         self.head_dim = head_dim
         self.layer_idx = layer_idx
-        self.scaling = head_dim**-0.5
+        self.scaling = head_dim**-0.5 if scaling is None else float(scaling)
+        self.softcap = softcap  # Gemma 2: scores → c·tanh(scores / c) before the mask
         self.is_causal = True
 
     def _kv_index(self, device: torch.device) -> Tensor:
@@ -137,13 +140,32 @@ class TyrAttention(nn.Module):
         index = self._kv_index(k.device)
         k = k.index_select(1, index)  # [B, q, S, d_h]
         v = v.index_select(1, index)
-        if attention_mask is not None:
-            mask = attention_mask[:, :, :, : k.shape[-2]]
+        mask = attention_mask[:, :, :, : k.shape[-2]] if attention_mask is not None else None
+        if self.softcap is not None:
+            out = self._capped(q, k, v, mask)
+        elif mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scaling)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return o_lin(out), None
+
+    def _capped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention with soft-capped scores (no fused kernel has it), softmax in fp32."""
+        assert self.softcap is not None
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        T, S = q.shape[-2], k.shape[-2]
+        if mask is None:  # causal, queries at the last T of S positions
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def attention_extras(attn: nn.Module) -> dict[str, Any]:
+    """What a stock attention module scales and caps its scores by, for :class:`TyrAttention`."""
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    return {"scaling": getattr(attn, "scaling", None), "softcap": float(cap) if cap else None}
 
 
 def _module(root: nn.Module, path: str) -> Any:
@@ -185,6 +207,7 @@ def narrow(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
             norms[0],
             norms[1],
             attn_names,
+            **attention_extras(attn),
         )
         setattr(layer, names["attn"], new)
         mlp, width = getattr(layer, names["mlp"]), int(row["intermediate"])

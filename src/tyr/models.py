@@ -179,7 +179,10 @@ def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Modul
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        opened.where, dtype=dtype, attn_implementation="sdpa", trust_remote_code=opened.trust_remote_code
+        opened.where,
+        dtype=dtype,
+        attn_implementation=arch.attn_implementation(opened.config),
+        trust_remote_code=opened.trust_remote_code,
     )
     return model.eval()
 

@@ -17,15 +17,23 @@ __all__ = ["nll_sum", "perplexity"]
 
 
 def nll_sum(
-    hidden: Tensor, ids: Tensor, norm: nn.Module, head: nn.Module, chunk: int = 256
+    hidden: Tensor,
+    ids: Tensor,
+    norm: nn.Module,
+    head: nn.Module,
+    chunk: int = 256,
+    softcap: float | None = None,
 ) -> tuple[float, int]:
     """Σ next-token NLL over a batch [b, T] from final hidden states, logits upcast to fp32 in
-    position chunks so [T, V] fp32 never exists at once (ALGORITHM.md §11.2)."""
+    position chunks so [T, V] fp32 never exists at once (ALGORITHM.md §11.2); `softcap` is the
+    family's final logit soft-capping."""
     total, count = 0.0, 0
     h = norm(hidden)[:, :-1]
     targets = ids[:, 1:].to(h.device)
     for s in range(0, h.shape[1], chunk):
         logits = head(h[:, s : s + chunk]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         total += float(
             F.cross_entropy(logits.flatten(0, 1), targets[:, s : s + chunk].flatten(), reduction="sum")
         )
@@ -53,7 +61,9 @@ def perplexity(
         total, count = 0.0, 0
         with on_device(norm, device), on_device(head, device):
             for i, ids in enumerate(batches):
-                t, c = nll_sum(inputs.hidden[i].to(device), ids, norm, head)
+                t, c = nll_sum(
+                    inputs.hidden[i].to(device), ids, norm, head, softcap=arch.logit_softcap(model)
+                )
                 total, count = total + t, count + c
     finally:
         bar.close()

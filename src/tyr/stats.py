@@ -66,7 +66,9 @@ def collect_gram(layer: nn.Module, linear: nn.Linear, inputs: BlockInputs, devic
     with gram_of(linear, gram, stop=True):
         for i in range(len(inputs)):
             with contextlib.suppress(StopForward):
-                forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+                forward_block(
+                    layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
+                )
     return gram
 
 
@@ -89,7 +91,9 @@ def propagate_mlp(
     gram = Gram(down.in_features, device=device)
     with gram_of(down, gram, sink=z_store.append if z_store is not None else None):
         for i in range(len(inputs)):
-            y = forward_block(layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device))
+            y = forward_block(
+                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
+            )
             if z_store is not None:
                 inputs.hidden[i] = y
     new = choose(gram.H).to(down.weight)
@@ -100,7 +104,7 @@ def propagate_mlp(
             inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
         else:
             inputs.hidden[i] = forward_block(
-                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
+                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
             )
     if z_store is not None:
         z_store.close()

@@ -85,14 +85,33 @@ class ActivationStore:
 
 
 class BlockInputs:
-    """Hidden states entering the current block plus the decoder-layer kwargs of each chunk."""
+    """Hidden states entering the current block plus the decoder-layer kwargs of each chunk.
 
-    def __init__(self, hidden: ActivationStore, kwargs: list[dict[str, Any]]) -> None:
+    Families with several attention types (sliding-window and global layers) give their blocks
+    different masks and rotary tables; `kwargs[i]` is the first block's, and
+    :meth:`kwargs_for` returns any block's."""
+
+    def __init__(
+        self,
+        hidden: ActivationStore,
+        kwargs: list[dict[str, Any]],
+        by_type: list[dict[str, dict[str, Any]]] | None = None,
+        layer_type: dict[int, str] | None = None,
+    ) -> None:
         self.hidden = hidden
         self.kwargs = kwargs
+        self._by_type = by_type
+        self._layer_type = layer_type or {}
 
     def __len__(self) -> int:
         return len(self.kwargs)
+
+    def kwargs_for(self, layer: nn.Module, i: int) -> dict[str, Any]:
+        """The kwargs that `layer` (a block of the captured model) receives for chunk i."""
+        kind = self._layer_type.get(id(layer))
+        if kind is None or self._by_type is None:
+            return self.kwargs[i]
+        return self._by_type[i][kind]
 
     def close(self) -> None:
         self.hidden.close()
@@ -114,6 +133,20 @@ def _base_model(model: nn.Module, spec: ArchSpec) -> nn.Module:
     return arch.get_module(model, spec.layers.rpartition(".")[0])
 
 
+def layer_types(model: nn.Module) -> list[str] | None:
+    """Each block's attention type (e.g. sliding or full) when the family mixes them."""
+    types = getattr(model.config, "layer_types", None)
+    return list(types) if types and len(set(types)) > 1 else None
+
+
+def _clean(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    for key in ("cache", "past_key_values", "past_key_value"):
+        kwargs.pop(key, None)
+    kwargs["use_cache"] = False
+    return to_device(kwargs, "cpu")
+
+
 @torch.inference_mode()
 def capture(
     model: nn.Module,
@@ -123,39 +156,61 @@ def capture(
     offload: str = "cpu",
     offload_root: Path | None = None,
 ) -> BlockInputs:
-    """Run the embedding stage for each token batch [b, T] and keep block 0's inputs and kwargs."""
+    """Run the embedding stage for each token batch [b, T] and keep block 0's inputs and kwargs
+    (and, for families mixing attention types, the kwargs of the first block of each type)."""
     base = _base_model(model, spec)
-    first = arch.layers(model, spec)[0]
+    blocks = arch.layers(model, spec)
+    types = layer_types(model)
+    # The first block of each attention type; the forward stops at the last of them.
+    firsts = {0: "only"} if types is None else {types.index(t): t for t in dict.fromkeys(types)}
+    stop_at = max(firsts)
     front = [arch.get_module(model, spec.embed), arch.get_module(model, spec.rotary)]
     for m in front:
         m.to(device)
+    if stop_at:
+        for b in range(stop_at):
+            blocks[b].to(device)
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        raise StopForward(args, kwargs)
+    seen: dict[str, dict[str, Any]] = {}
+    first_hidden: list[Tensor] = []
+
+    def hook_for(b: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if b == 0:
+                first_hidden.append(hidden)
+            seen[firsts[b]] = _clean(kwargs)
+            if b == stop_at:
+                raise StopForward()
+
+        return hook
 
     store = ActivationStore(offload, offload_root)
     all_kwargs: list[dict[str, Any]] = []
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    by_type: list[dict[str, dict[str, Any]]] = []
+    handles = [blocks[b].register_forward_pre_hook(hook_for(b), with_kwargs=True) for b in firsts]
     try:
         for ids in batches:
+            seen.clear()
+            first_hidden.clear()
             try:
                 base(input_ids=ids.to(device), use_cache=False)
-            except StopForward as seen:
-                args, kwargs = seen.args_seen, dict(seen.kwargs_seen)
-                hidden = args[0] if args else kwargs.pop("hidden_states")
-                for key in ("cache", "past_key_values", "past_key_value"):
-                    kwargs.pop(key, None)
-                kwargs["use_cache"] = False
-                store.append(hidden)
-                all_kwargs.append(to_device(kwargs, "cpu"))
+            except StopForward:
+                store.append(first_hidden[0])
+                all_kwargs.append(seen[firsts[0]])
+                by_type.append(dict(seen))
             else:
                 raise RuntimeError("block 0 was never reached while capturing its inputs")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if str(device) != "cpu":
-            for m in front:
+            for m in [*front, *blocks[:stop_at]]:
                 m.to("cpu")
-    return BlockInputs(store, all_kwargs)
+    if types is None:
+        return BlockInputs(store, all_kwargs)
+    return BlockInputs(store, all_kwargs, by_type, {id(blk): t for blk, t in zip(blocks, types, strict=True)})
 
 
 def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
@@ -189,7 +244,7 @@ def run_blocks(
         for b, layer in enumerate(arch.layers(model, spec)):
             with on_device(layer, device):
                 for i in range(len(inputs)):
-                    kw = to_device(inputs.kwargs[i], device)
+                    kw = to_device(inputs.kwargs_for(layer, i), device)
                     inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kw)
             if on_block is not None:
                 on_block(b)

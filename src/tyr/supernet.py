@@ -267,7 +267,7 @@ def build(
             with on_device(layer, device):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
-                kw0 = to_device(inputs.kwargs[0], device)
+                kw0 = to_device(inputs.kwargs_for(layer, 0), device)
                 probe = forward_block(layer, probe.to(device), kw0).to("cpu")
 
                 ga, gf = Gene(b, "attn"), Gene(b, "mlp")

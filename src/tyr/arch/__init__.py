@@ -21,6 +21,8 @@ __all__ = [
     "REGISTRY",
     "spec_for",
     "spec_for_config",
+    "logit_softcap",
+    "attn_implementation",
     "shape_of",
     "layers",
     "attention_parts",
@@ -75,7 +77,30 @@ REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("mistral", ("mistral",), ("MistralForCausalLM",)),
     ArchSpec("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
     ArchSpec("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), q_norm="q_norm", k_norm="k_norm"),
+    # Gemma: a norm after o_proj and after down_proj (four per block), scaled embeddings,
+    # query_pre_attn_scalar, sliding-window and global layers; Gemma 2 soft-caps attention
+    # scores and final logits, Gemma 3 normalises queries and keys per head.
+    ArchSpec("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), mlp_output_is_residual=False),
+    ArchSpec(
+        "gemma3",
+        ("gemma3_text",),
+        ("Gemma3ForCausalLM",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        mlp_output_is_residual=False,
+    ),
 )
+
+# Families tyr recognises but cannot prune, with what is missing.
+UNSUPPORTED: dict[str, str] = {
+    "gemma3": "the multimodal Gemma 3 (vision tower); prune its text model (Gemma3ForCausalLM)",
+    "mixtral": "mixture-of-experts FFNs (expert routing) are not supported",
+    "qwen2_moe": "mixture-of-experts FFNs (expert routing) are not supported",
+    "qwen3_moe": "mixture-of-experts FFNs (expert routing) are not supported",
+    "deepseek_v2": "multi-head latent attention (MLA) and mixture-of-experts FFNs are not supported",
+    "deepseek_v3": "multi-head latent attention (MLA) and mixture-of-experts FFNs are not supported",
+    "phi3": "fused qkv_proj / gate_up_proj projections are not supported yet",
+}
 
 
 def supported() -> str:
@@ -93,10 +118,28 @@ def spec_for_config(config: Any) -> ArchSpec:
         if model_type in spec.model_types:
             return spec
     found = "/".join(archs) or str(model_type)
+    why = UNSUPPORTED.get(str(model_type))
+    if why is None and any(
+        getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+    ):
+        why = "mixture-of-experts FFNs (expert routing) are not supported"
+    if why is None and getattr(config, "kv_lora_rank", None):
+        why = "multi-head latent attention (MLA) is not supported"
     raise UserError(
-        f"unsupported architecture {found!r}",
+        f"unsupported architecture {found!r}" + (f": {why}" if why else ""),
         f"tyr supports: {supported()}",
     )
+
+
+def attn_implementation(config: Any) -> str:
+    """SDPA, except for soft-capped attention scores (Gemma 2), which only eager computes."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """Gemma 2/3's final logit soft-capping c (logits → c·tanh(logits / c)), or None."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
 
 
 def spec_for(model: nn.Module) -> ArchSpec:

@@ -156,7 +156,9 @@ def _gathered_logits(model: nn.Module, spec: ArchSpec, ids: Tensor, t_idx: Tenso
         if head.bias is not None:
             z = z + head.bias.float()[i]
         parts.append(z)
-    return torch.cat(parts, dim=1)
+    z = torch.cat(parts, dim=1)
+    cap = arch.logit_softcap(model)
+    return z if cap is None else torch.tanh(z / cap) * cap
 
 
 class KLFitness:

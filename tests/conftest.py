@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 VOCAB = 101
 
 
@@ -68,6 +68,11 @@ def tiny_config(
         if family == "gemma2":
             return Gemma2Config(**gemma, attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
         return Gemma3TextConfig(**gemma, final_logit_softcapping=6.0)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj, partial rotary
+        from transformers import Phi3Config
+
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.6}
+        return Phi3Config(**common, rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
 
 
@@ -75,7 +80,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    from tyr.arch import attn_implementation
+    from tyr.arch import attn_implementation, spec_for
+    from tyr.modeling import unfuse
 
     config = tiny_config(family, **kw)
     model = AutoModelForCausalLM.from_config(
@@ -85,7 +91,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **kw):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)
-    return model.eval()
+    return unfuse(model, spec_for(model)).eval()  # as tyr loads it
 
 
 def tiny_tokenizer():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from tyr import arch
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import HeadLayout, layout
-from tyr.modeling_tyr import TyrAttention, attention_extras
+from tyr.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
 from tyr.surgery import expand_cols, slice_gate_up, slice_qkv
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "apply_plans",
     "mask_plans",
     "plans_metadata",
+    "unfuse",
 ]
 
 
@@ -134,3 +136,43 @@ def plans_metadata(plans: list[LayerPlan | None], shape: Shape) -> list[dict]:
             heads, neurons = plan.heads, len(plan.kept_neurons)
         out.append({**{k: list(v) for k, v in asdict(heads).items()}, "intermediate": neurons})
     return out
+
+
+def unfuse(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    """Split a family's fused projections (Phi-3's qkv_proj and gate_up_proj) into the separate
+    q/k/v and gate/up Linears named by `spec`, in place; the model computes the same function.
+    A no-op for families without fused projections."""
+    if spec.qkv is None and spec.gate_up is None:
+        return model
+    cfg: Any = model.config
+    n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    for idx, layer in enumerate(arch.layers(model, spec)):
+        attn, mlp = getattr(layer, spec.attn), getattr(layer, spec.mlp)
+        if spec.qkv is not None and isinstance(getattr(attn, spec.qkv, None), nn.Linear):
+            w, b = _pair(getattr(attn, spec.qkv))
+            cuts = [0, n_q * head_dim, (n_q + n_kv) * head_dim, (n_q + 2 * n_kv) * head_dim]
+            q, k, v = (
+                _linear(w[lo:hi], b[lo:hi] if b is not None else None)
+                for lo, hi in zip(cuts, cuts[1:], strict=False)
+            )
+            new = TyrAttention(
+                q,
+                k,
+                v,
+                getattr(attn, spec.o),
+                [h // (n_q // n_kv) for h in range(n_q)],
+                head_dim,
+                idx,
+                names=spec.attention_names,
+                **attention_extras(attn),
+            )
+            setattr(layer, spec.attn, new)
+        if spec.gate_up is not None and isinstance(getattr(mlp, spec.gate_up, None), nn.Linear):
+            w, b = _pair(getattr(mlp, spec.gate_up))
+            ff = w.shape[0] // 2
+            gate = _linear(w[:ff], b[:ff] if b is not None else None)
+            up = _linear(w[ff:], b[ff:] if b is not None else None)
+            names = (spec.gate, spec.up, spec.down)
+            setattr(layer, spec.mlp, TyrMLP(gate, up, getattr(mlp, spec.down), activation(mlp), names))
+    return model

@@ -51,14 +51,18 @@ if _version(transformers.__version__) < TRANSFORMERS_FLOOR:
 
 
 def rotary_apply(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotary embedding in rotate-half form. q, k: [B, heads, T, d_h]; cos, sin: [B, T, d_h]."""
+    """Rotary embedding in rotate-half form. q, k: [B, heads, T, d_h]; cos, sin: [B, T, r] with
+    r ≤ d_h (partial rotary: the last d_h − r channels pass through unrotated)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
 
-    def rotate_half(x: Tensor) -> Tensor:
-        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-        return torch.cat((-x2, x1), dim=-1)
+    def rotate(x: Tensor) -> Tensor:
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+        out = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate(q), rotate(k)
 
 
 class TyrAttention(nn.Module):
@@ -162,8 +166,41 @@ class TyrAttention(nn.Module):
         return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
+class TyrMLP(nn.Module):
+    """down(act(gate(x)) · up(x)) with separate gate and up projections: the MLP of families
+    whose stock class fuses them (Phi-3's gate_up_proj), under the names in `names`."""
+
+    def __init__(
+        self,
+        gate: nn.Linear,
+        up: nn.Linear,
+        down: nn.Linear,
+        act: nn.Module,
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> None:
+        super().__init__()
+        self._names = names
+        for name, mod in zip(names, (gate, up, down), strict=True):
+            setattr(self, name, mod)
+        self.act_fn = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up, down = (getattr(self, n) for n in self._names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+def activation(mlp: nn.Module) -> nn.Module:
+    """The activation module of a stock MLP (families name it differently)."""
+    for name in ("act_fn", "activation_fn"):
+        if isinstance(getattr(mlp, name, None), nn.Module):
+            return getattr(mlp, name)
+    raise AttributeError(f"{type(mlp).__name__} has no activation module")
+
+
 def attention_extras(attn: nn.Module) -> dict[str, Any]:
-    """What a stock attention module scales and caps its scores by, for :class:`TyrAttention`."""
+    """What an attention module scales and caps its scores by, for :class:`TyrAttention`."""
+    if isinstance(attn, TyrAttention):
+        return {"scaling": attn.scaling, "softcap": attn.softcap}
     cap = getattr(attn, "attn_logit_softcapping", None)
     return {"scaling": getattr(attn, "scaling", None), "softcap": float(cap) if cap else None}
 
@@ -193,7 +230,11 @@ def narrow(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         raise ValueError(f"config.tyr describes {len(meta['layers'])} blocks, the model has {len(blocks)}")
     for idx, (layer, row) in enumerate(zip(blocks, meta["layers"], strict=True)):
         attn = getattr(layer, names["attn"])
-        q, k, v, o = (getattr(attn, names[p]) for p in ("q", "k", "v", "o"))
+        o = getattr(attn, names["o"])
+        if names.get("qkv"):  # a fused stock projection: the split ones take its input and bias
+            q = k = v = getattr(attn, names["qkv"])
+        else:
+            q, k, v = (getattr(attn, names[p]) for p in ("q", "k", "v"))
         n_q, n_kv = len(row["q_to_kv"]), len(row["kept_kv"])
         norms = [getattr(attn, n) if n else None for n in attn_names[4:]]
         new = TyrAttention(
@@ -211,7 +252,19 @@ def narrow(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         )
         setattr(layer, names["attn"], new)
         mlp, width = getattr(layer, names["mlp"]), int(row["intermediate"])
-        gate, up, down = (getattr(mlp, names[p]) for p in ("gate", "up", "down"))
+        down = getattr(mlp, names["down"])
+        if names.get("gate_up"):
+            fused = getattr(mlp, names["gate_up"])
+            new_mlp = TyrMLP(
+                _resized(fused, fused.in_features, width),
+                _resized(fused, fused.in_features, width),
+                _resized(down, width, down.out_features),
+                activation(mlp),
+                (names["gate"], names["up"], names["down"]),
+            )
+            setattr(layer, names["mlp"], new_mlp)
+            continue
+        gate, up = (getattr(mlp, names[p]) for p in ("gate", "up"))
         setattr(mlp, names["gate"], _resized(gate, gate.in_features, width))
         setattr(mlp, names["up"], _resized(up, up.in_features, width))
         setattr(mlp, names["down"], _resized(down, width, down.out_features))

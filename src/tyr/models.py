@@ -16,6 +16,7 @@ from torch import nn
 
 from tyr import arch, assets
 from tyr.errors import UserError
+from tyr.modeling import unfuse
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -184,7 +185,7 @@ def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Modul
         attn_implementation=arch.attn_implementation(opened.config),
         trust_remote_code=opened.trust_remote_code,
     )
-    return model.eval()
+    return unfuse(model, opened.spec).eval()
 
 
 def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:

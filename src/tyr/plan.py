@@ -55,6 +55,7 @@ from tyr.arch import Shape
 from tyr.config import PruneConfig, int_list, resolve_preset
 from tyr.errors import UserError
 from tyr.gqa import round_half_up, spread
+from tyr.modeling import unfuse
 from tyr.report import fmt_bytes, fmt_params
 from tyr.search.space import ffn_step_floor, level_range, step_units
 
@@ -178,7 +179,7 @@ def dims_of(config: Any) -> Dims:
 
     spec = arch.spec_for_config(config)  # UserError for an unsupported family
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model: Any = unfuse(AutoModelForCausalLM.from_config(config), spec)
     embed = model.get_input_embeddings().weight
     head = arch.get_module(model, spec.lm_head)
     head_params = head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)

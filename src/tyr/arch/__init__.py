@@ -56,6 +56,10 @@ class ArchSpec:
     # Per-head RMSNorm weights of size head_dim, shared by all heads: never sliced.
     q_norm: str | None = None
     k_norm: str | None = None
+    # Fused projections in the stock class (Phi-3): tyr splits them into q/k/v and gate/up
+    # Linears at load time (see tyr.modeling.unfuse) and exports them split.
+    qkv: str | None = None
+    gate_up: str | None = None
     # True when a block's output is `h + down_proj(...)` with nothing after down_proj, so a
     # change of down_proj's weight changes the block output by exactly Z·ΔWᵀ (used to avoid a
     # third forward pass per block during calibration).
@@ -68,7 +72,22 @@ class ArchSpec:
 
     def names(self) -> dict[str, str | None]:
         """Where a block's parts live, as exported checkpoints record it for their modeling code."""
-        keys = ("layers", "attn", "q", "k", "v", "o", "q_norm", "k_norm", "mlp", "gate", "up", "down")
+        keys = [
+            "layers",
+            "attn",
+            "q",
+            "k",
+            "v",
+            "o",
+            "q_norm",
+            "k_norm",
+            "mlp",
+            "gate",
+            "up",
+            "down",
+            "qkv",
+            "gate_up",
+        ]
         return {k: getattr(self, k) for k in keys}
 
 
@@ -81,6 +100,8 @@ REGISTRY: tuple[ArchSpec, ...] = (
     # query_pre_attn_scalar, sliding-window and global layers; Gemma 2 soft-caps attention
     # scores and final logits, Gemma 3 normalises queries and keys per head.
     ArchSpec("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), mlp_output_is_residual=False),
+    # Phi-3: one qkv_proj and one gate_up_proj per block, split on load.
+    ArchSpec("phi3", ("phi3",), ("Phi3ForCausalLM",), qkv="qkv_proj", gate_up="gate_up_proj"),
     ArchSpec(
         "gemma3",
         ("gemma3_text",),
@@ -99,7 +120,6 @@ UNSUPPORTED: dict[str, str] = {
     "qwen3_moe": "mixture-of-experts FFNs (expert routing) are not supported",
     "deepseek_v2": "multi-head latent attention (MLA) and mixture-of-experts FFNs are not supported",
     "deepseek_v3": "multi-head latent attention (MLA) and mixture-of-experts FFNs are not supported",
-    "phi3": "fused qkv_proj / gate_up_proj projections are not supported yet",
 }
 
 

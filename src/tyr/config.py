@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -248,7 +249,11 @@ def check_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     known = _field_types()
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(f"unknown key(s) {', '.join(unknown)} in {where}", f"known keys: {', '.join(known)}")
+        close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(
+            f"unknown key(s) {', '.join(unknown)} in {where}{hint}", f"known keys: {', '.join(known)}"
+        )
     return {k: _coerce(k, v) for k, v in values.items()}
 
 

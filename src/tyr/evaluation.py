@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from tyr import tasks as taskdata
 from tyr.data import windows
 from tyr.errors import UserError
 from tyr.perplexity import perplexity
+from tyr.workdir import atomic_json
 
 __all__ = ["SCHEMA", "evaluate", "score_doc", "open_for_eval", "lm_eval_harness"]
 
@@ -173,7 +173,7 @@ def evaluate(
     data["limit"] = limit
     data["date"] = datetime.date.today().isoformat()
     if json_path is not None:
-        Path(json_path).expanduser().write_text(json.dumps(data, indent=2) + "\n")
+        atomic_json(Path(json_path).expanduser(), data, indent=2)
     return data
 
 

@@ -157,7 +157,7 @@ def open_model(name: str | None, trust_remote_code: bool = False) -> Opened:
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
         todo = "check the id or path"
         if "trust_remote_code" in str(exc):
             first, todo = "it needs its own Python code", "pass --trust-remote-code if you trust its source"

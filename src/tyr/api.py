@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyr import __version__, arch, assets
+from tyr import __version__, arch, assets, dist
 from tyr.config import DATA_KEYS, PruneConfig, check_keys, int_list, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
@@ -160,25 +160,40 @@ def run(cfg: PruneConfig, command: str | None = None) -> Result:
     """Run a validated configuration; `command` is what the model card quotes as its origin
     (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call)."""
     clock = _Clock()
+    dist.setup(cfg.device)
+    # Every rank reads the same work directory (on several nodes: a shared filesystem).
+    home = assets.tyr_home() / "runs" / cfg.work_identity()
+    workdir = Path(cfg.workdir).expanduser() if cfg.workdir else home
+    if not dist.is_main():  # a torchrun worker: shares the search, writes nothing
+        try:
+            if dist.share():  # rank 0 has checked --out and holds the work directory
+                return _run(cfg, clock, Path(cfg.out), Path(cfg.out), workdir, command or "")
+            return Result(Path(cfg.out), {})
+        finally:
+            dist.teardown()
     out, tmp, done = _prepare_out(cfg)
     if done is not None:
         log.info("%s already holds this result; nothing to do", out)
+        dist.share(False)
+        dist.teardown()
         return done
-    workdir = (
-        Path(cfg.workdir).expanduser() if cfg.workdir else assets.tyr_home() / "runs" / cfg.work_identity()
-    )
     try:
         with locked(workdir):
             check_options(workdir, cfg.work_options(), record=False)
+            dist.share(True)
             return _run(cfg, clock, out, tmp, workdir, command or cfg.api_call())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        dist.teardown()
 
 
 def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
-    """The run of `asked` (the options as given; presets are resolved here), holding `workdir`."""
+    """The run of `asked` (the options as given; presets are resolved here), holding `workdir`.
+    On a torchrun worker (rank > 0), only the shared search; `workdir` comes from rank 0."""
     t = clock.start
+    main = dist.is_main()
     cfg, explicit = asked, {k for k in DATA_KEYS if getattr(asked, k) is not None}
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
@@ -195,6 +210,8 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         )
     if seq_len < cfg.seq_len:
         log.warning("seq_len %d exceeds the model's %d positions; using %d", cfg.seq_len, seq_len, seq_len)
+    if dist.world() > 1 and main:
+        log.info("%d processes share the supernet solves and the search", dist.world())
     t = clock.add("load", t)
 
     # Data first: a bad source fails before any weights are read.
@@ -208,7 +225,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         cfg.seed if cfg.calib_sample == "random" else None,
     )
     heldout = None
-    if not cfg.no_eval:
+    if not cfg.no_eval and main:
         heldout = windows(
             cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None
         )
@@ -217,7 +234,8 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     model = load_weights(opened, getattr(torch, cfg.dtype))
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    check_options(workdir, asked.work_options(), record=True)
+    if main:
+        check_options(workdir, asked.work_options(), record=True)
     log.info(
         "model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
         opened.name,
@@ -250,8 +268,12 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         t = clock.add("eval", t)
 
     search_log: list[dict[str, Any]] | None = None
+    if not main and cfg.method != "tyr":
+        return Result(out, {})  # the uniform prune is not shared; rank 0 does it alone
     if cfg.method == "tyr":
         plans, search_log = _search(cfg, model, spec, shape, calib, workdir, centres)
+        if not main:
+            return Result(out, {})
         supernet_s = sum(r["supernet_seconds"] for r in search_log)
         clock.spans["supernet"] = round(supernet_s, 3)
         clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
@@ -309,7 +331,11 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         "command": command,
         "modeling_sha256": modeling_sha256(),
         "seed": cfg.seed,
-        "machine": {"cpus": os.cpu_count() or 1, "device": _device_name(cfg.device)},
+        "machine": {
+            "cpus": os.cpu_count() or 1,
+            "device": _device_name(cfg.device),
+            "processes": dist.world(),
+        },
     }
     write_card(tmp, data, command, opened.provenance())
     atomic_json(tmp / RESULT, data, indent=2)

@@ -135,6 +135,8 @@ def _prune(ns: argparse.Namespace, argv: list[str]) -> int:
         if key not in values:
             raise UserError(f"--{key} is required", "e.g. tyr prune --sparsity 0.5 --out pruned")
     result = run(PruneConfig(**values), command=shlex.join(["tyr", *argv]))
+    if not result.data:  # a torchrun worker (rank > 0): rank 0 reports
+        return 0
     summary = {k: result.data[k] for k in ("sparsity_target", "sparsity_achieved", "params", "ppl")}
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
     return 0

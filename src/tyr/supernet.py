@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tyr import arch
+from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.assets import sha256_file
 from tyr.errors import UserError
@@ -119,6 +119,8 @@ class Store:
         return f"blk{gene.block:03d}.{gene.kind}"
 
     def _write_manifest(self) -> None:
+        if not dist.is_main():  # rank 0 alone writes; the others keep the same state in memory
+            return
         manifest = {"schema_version": SCHEMA_VERSION, "identity": self.identity, "sublayers": self.sublayers}
         atomic_json(self.manifest_path, manifest)
 
@@ -153,7 +155,8 @@ class Store:
 
     def save(self, gene: Gene, cands: list[Candidate]) -> None:
         folder = self.dir / self.key(gene)
-        folder.mkdir(exist_ok=True)
+        if dist.is_main():
+            folder.mkdir(exist_ok=True)
         for c in cands:
             assert c.weight is not None
             tensors = {
@@ -164,7 +167,8 @@ class Store:
             rel = f"{self.key(gene)}/L{c.level:+d}.safetensors"
             path = self.dir / rel
             data = save(tensors)
-            atomic_write(path, data)
+            if dist.is_main():
+                atomic_write(path, data)
             c.path, c.sha256, c.bytes = rel, hashlib.sha256(data).hexdigest(), len(data)
         self.sublayers[self.key(gene)] = {"status": "done", "candidates": [c.meta() for c in cands]}
         self._write_manifest()
@@ -189,17 +193,17 @@ def _attn_candidates(
 ) -> list[Candidate]:
     problem = make_problem(o.weight.T, H, damp=opt.damp)
     per_unit = Fraction(shape.attn_params(shape.n_q, shape.n_kv), shape.n_q)  # nominal unit, real params
-    out = []
-    for k in sub.levels:
+
+    def solve(k: int) -> Candidate:
         target = round(sub.units(k) * per_unit)
         sol = prune_attention(problem, shape, target, mode=opt.gqa, saliency=opt.saliency)
         kept = tuple(int(h) for h in sol.kept)
         heads = layout(kept, shape.n_q, shape.n_kv)
-        weight = compact_cols(sol.weight.T.to(o.weight), kept, shape.head_dim)
-        out.append(
-            Candidate(k, sub.units(k), kept, heads.kept_kv, attn_removed(shape, kept), sol.eps, weight=weight)
-        )
-    return out
+        weight = compact_cols(sol.weight.T.to(device="cpu", dtype=o.weight.dtype), kept, shape.head_dim)
+        removed = attn_removed(shape, kept)
+        return Candidate(k, sub.units(k), kept, heads.kept_kv, removed, sol.eps, weight=weight)
+
+    return dist.map_ordered(solve, list(sub.levels))  # levels solved on different ranks
 
 
 def _mlp_candidates(
@@ -207,13 +211,15 @@ def _mlp_candidates(
 ) -> list[Candidate]:
     problem = make_problem(down.weight.T, H, damp=opt.damp)
     dense = shape.mlp_params(shape.intermediate)
-    out = []
-    for k in sub.levels:
+
+    def solve(k: int) -> Candidate:
         sol = solve_problem(problem, 1, sub.units(k), saliency=opt.saliency, schedule=opt.schedule)
         kept = tuple(int(j) for j in sol.kept)
-        weight = compact_cols(sol.weight.T.to(down.weight), kept, 1)
+        weight = compact_cols(sol.weight.T.to(device="cpu", dtype=down.weight.dtype), kept, 1)
         removed = dense - shape.mlp_params(len(kept))
-        out.append(Candidate(k, sub.units(k), kept, (), removed, sol.eps, weight=weight))
+        return Candidate(k, sub.units(k), kept, (), removed, sol.eps, weight=weight)
+
+    out: list[Candidate] = dist.map_ordered(solve, list(sub.levels))
     eps = [c.eps for c in out]
     if any(b < a - 1e-9 for a, b in zip(eps, eps[1:], strict=False)):
         log.debug("block %d mlp: ε not non-decreasing over levels: %s", sub.gene.block, eps)

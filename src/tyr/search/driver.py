@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tyr import dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout, round_half_up, spread
 from tyr.modeling import LayerPlan
@@ -129,6 +130,7 @@ def search_prune(
             "supernet": asdict(opt.supernet),
         }
         store = Store(workdir / "supernet", t, ident)
+        dist.barrier()  # every rank sees the same files from here on
         built = time.perf_counter()
         loaded = store.load_all(genes)
         if loaded is not None:  # a finished supernet: no forward pass needed
@@ -166,7 +168,8 @@ def search_prune(
                 t,
                 batch_size,
             )
-            atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log})
+            if dist.is_main():
+                atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log})
         log_rows.append(
             {
                 "step_attn": steps["attn"],
@@ -233,7 +236,8 @@ def _evolve_resumable(
             "rng": rng.getstate(),
             "batch_rng": batch_rng.getstate(),
         }
-        atomic_json(ckpt, state, indent=None)
+        if dist.is_main():
+            atomic_json(ckpt, state, indent=None)
         bar.set_postfix(kl=f"{record.parent_fitness:.4f}")
         bar.update()
 

@@ -11,13 +11,13 @@ import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tyr import arch
+from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
@@ -49,8 +49,16 @@ class TeacherCache:
     computed the first time a sequence is drawn; a persisted bitmap makes restarts reuse it."""
 
     def __init__(self, root: Path, n_seq: int, seq_len: int, k: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
         self.root, self.k = root, k
+        self.persist = dist.is_main()  # other ranks compute the same values into memory
+        self.values: Any
+        self.index: Any
+        if not self.persist:
+            self.values = np.zeros((n_seq, seq_len, k), dtype=np.float32)
+            self.index = np.zeros((n_seq, seq_len, k), dtype=np.int32)
+            self.filled = np.zeros(n_seq, dtype=bool)
+            return
+        root.mkdir(parents=True, exist_ok=True)
         meta = {"n_seq": n_seq, "seq_len": seq_len, "k": k}
         meta_path = root / "meta.json"
         self._filled_path = root / "filled.npy"
@@ -73,6 +81,8 @@ class TeacherCache:
             atomic_json(meta_path, meta)
 
     def _save_filled(self) -> None:
+        if not self.persist:
+            return
         buf = io.BytesIO()
         np.save(buf, self.filled)
         atomic_write(self._filled_path, buf.getvalue())
@@ -85,8 +95,9 @@ class TeacherCache:
                 vals, idx = teacher_logits([r]).float().topk(self.k, dim=-1)
                 self.values[r] = vals[0].cpu().numpy()
                 self.index[r] = idx[0].to(torch.int32).cpu().numpy()
-            self.values.flush()
-            self.index.flush()
+            if self.persist:
+                self.values.flush()
+                self.index.flush()
             self.filled[missing] = True
             self._save_filled()
         return torch.from_numpy(np.asarray(self.values[list(rows)])), torch.from_numpy(
@@ -194,8 +205,8 @@ class KLFitness:
     def __call__(self, stage: int, genomes: Sequence[Genome]) -> list[float]:
         rows, last = self.minibatch(self.stage_tokens[stage])
         vals, idx = self.teacher.get(rows, self._teacher_logits)
-        out = []
-        for genome in genomes:
+
+        def score(genome: Genome) -> float:
             model = self.live.apply(genome)
             total, count = 0.0, 0
             for s in range(0, len(rows), self.batch_size):
@@ -211,5 +222,6 @@ class KLFitness:
                     kl, n = topk_kl(_gathered_logits(model, self.live.spec, ids, i), v, i)
                     total, count = total + kl, count + n
             self.tokens_evaluated += (len(rows) - 1) * self.calib.shape[1] + last
-            out.append(total / max(count, 1))
-        return out
+            return total / max(count, 1)
+
+        return dist.map_ordered(score, list(genomes))  # genomes scored on different ranks

@@ -8,6 +8,7 @@ smaller Linears.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,8 +83,8 @@ def set_attention(
         heads.q_to_kv,
         shape.head_dim,
         layer_idx,
-        dense.q_norm,
-        dense.k_norm,
+        copy.deepcopy(dense.q_norm),  # tiny; a module shared with `dense` would move with it
+        copy.deepcopy(dense.k_norm),
         spec.attention_names,
         **attention_extras(dense.module),
     )

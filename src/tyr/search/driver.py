@@ -161,7 +161,7 @@ def search_prune(
             best, fitness_log = _evolve_resumable(
                 store.dir / "search.ckpt.json",
                 _space(genes, subs, cands, target_attn, tol),
-                LiveModel(model, spec, shape, genes, cands, store),
+                LiveModel(model, spec, shape, genes, cands, store, device),
                 calib,
                 teacher,
                 opt,

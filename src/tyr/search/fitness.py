@@ -36,6 +36,7 @@ def topk_kl(student: Tensor, t_vals: Tensor, t_idx: Tensor) -> tuple[float, int]
     t_vals / t_idx: [B, T, k]. The last position of each sequence is dropped.
     """
     s = student.float()
+    t_vals, t_idx = t_vals.to(s.device), t_idx.to(s.device)
     if s.shape[-1] != t_idx.shape[-1]:
         s = s.gather(-1, t_idx.long())
     lt = torch.log_softmax(t_vals.float(), dim=-1)[:, :-1]
@@ -117,13 +118,15 @@ class LiveModel:
         genes: Sequence[Gene],
         candidates: dict[Gene, list[Candidate]],
         store: Store,
+        device: str = "cpu",
     ) -> None:
         from tyr.modeling import set_attention, set_mlp
 
         self._set_attention, self._set_mlp = set_attention, set_mlp
         self.dense, self.spec, self.shape, self.genes, self.store = dense, spec, shape, tuple(genes), store
         self.by_level = {g: {c.level: c for c in candidates[g]} for g in self.genes}
-        self.model = copy.deepcopy(dense).eval()
+        self.device = device  # the student lives here; the dense teacher stays where it is
+        self.model = copy.deepcopy(dense).eval().to(device)
         self.loaded: dict[Gene, int] = {}
         self.reloads = 0
 
@@ -143,6 +146,8 @@ class LiveModel:
                 self._set_mlp(
                     live_layers[b], self.spec, arch.mlp_parts(dense_layers[b], self.spec), cand.kept, weight
                 )
+            if self.device != "cpu":
+                live_layers[b].to(self.device)
             self.loaded[gene] = level
             self.reloads += 1
         return self.model
@@ -157,7 +162,7 @@ def _gathered_logits(model: nn.Module, spec: ArchSpec, ids: Tensor, t_idx: Tenso
     """Student logits at the teacher's top-k indices, [B, T, k] fp32: only those k rows of the
     LM head are multiplied (k·d instead of V·d per position), in position chunks (§7.5)."""
     head = arch.get_module(model, spec.lm_head)
-    h = _final_hidden(model, spec, ids).float()
+    h = _final_hidden(model, spec, ids.to(head.weight.device)).float()
     W = head.weight.float()  # [V, d]
     idx = t_idx.to(h.device).long()
     parts = []

@@ -191,7 +191,7 @@ def run(cfg: PruneConfig, command: str | None = None) -> Result:
 
 def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
     """The run of `asked` (the options as given; presets are resolved here), holding `workdir`.
-    On a torchrun worker (rank > 0), only the shared search; `workdir` comes from rank 0."""
+    On a torchrun worker (rank > 0), only the shared search: no evaluation, no files."""
     t = clock.start
     main = dist.is_main()
     cfg, explicit = asked, {k for k in DATA_KEYS if getattr(asked, k) is not None}

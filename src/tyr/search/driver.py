@@ -154,11 +154,16 @@ def search_prune(
         built = time.perf_counter() - built
 
         saved = store.dir / "search.json"
+        searched = time.perf_counter()
         if saved.is_file():  # this iteration's search finished before: reuse its result
             done = json.loads(saved.read_text())
-            best, fitness_log = tuple(done["genome"]), done["parent_fitness"]
+            best, fitness_log, scored = (
+                tuple(done["genome"]),
+                done["parent_fitness"],
+                done.get("tokens_scored"),
+            )
         else:
-            best, fitness_log = _evolve_resumable(
+            best, fitness_log, scored = _evolve_resumable(
                 store.dir / "search.ckpt.json",
                 _space(genes, subs, cands, target_attn, tol),
                 LiveModel(model, spec, shape, genes, cands, store, device),
@@ -169,7 +174,9 @@ def search_prune(
                 batch_size,
             )
             if dist.is_main():
-                atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log})
+                atomic_json(
+                    saved, {"genome": list(best), "parent_fitness": fitness_log, "tokens_scored": scored}
+                )
         log_rows.append(
             {
                 "step_attn": steps["attn"],
@@ -179,6 +186,8 @@ def search_prune(
                 "parent_fitness": fitness_log,
                 "seconds": round(time.perf_counter() - start, 1),
                 "supernet_seconds": round(built, 1),
+                "search_seconds": round(time.perf_counter() - searched, 1),
+                "tokens_scored": scored,  # student tokens over all fitness calls (None if unknown)
             }
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
@@ -206,9 +215,11 @@ def _evolve_resumable(
     opt: SearchOptions,
     t: int,
     batch_size: int,
-) -> tuple[Genome, list[float]]:
+) -> tuple[Genome, list[float], int | None]:
     """Iteration t's evolution, checkpointed after every generation (parent, fitness log and
-    both random states), so that a resumed run continues exactly where the last one stopped."""
+    both random states), so that a resumed run continues exactly where the last one stopped.
+    Returns the best genome, the parent fitness per generation and the student tokens scored
+    (summed over ranks; None when the iteration resumed from a checkpoint)."""
     rng, batch_rng = random.Random(f"{opt.seed}-{t}"), random.Random(f"{opt.seed}-{t}-batches")
     parent: Genome | None = None
     fitness_log: list[float] = []
@@ -254,7 +265,9 @@ def _evolve_resumable(
         )
     finally:
         bar.close()
-    return best, fitness_log
+    resumed = parent is not None
+    scored = sum(dist.gather({dist.rank(): fitness.tokens_evaluated}, dist.world()))
+    return best, fitness_log, None if resumed else scored
 
 
 def _rng_state(saved: list[Any]) -> tuple[Any, ...]:

@@ -44,6 +44,19 @@ def test_gathered_logits_equal_the_full_head():
         assert torch.allclose(_gathered_logits(model, spec, ids, idx, chunk=4), full, atol=1e-5)
 
 
+def test_streamed_student_equals_the_resident_one():
+    """A student too large for the device stays in host memory and visits it block by block
+    (here the 'device' is the CPU): the logits are those of the ordinary forward."""
+    model = tiny_model("gemma3")  # sliding and global layers, their own rotary tables
+    spec = arch.spec_for(model)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    idx = torch.randint(0, VOCAB, (2, 20, 5), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        resident = _gathered_logits(model, spec, ids, idx)
+        streamed = _gathered_logits(model, spec, ids, idx, stream_to="cpu")
+    assert torch.allclose(streamed, resident, atol=1e-5)
+
+
 def test_teacher_cache_fills_lazily_and_persists(tmp_path):
     logits = torch.randn(5, 6, 30)
     asked: list[list[int]] = []
@@ -92,3 +105,8 @@ def test_live_model_equals_the_masked_genome_and_reloads_only_changes(tmp_path):
     scores = fitness(1, [(0,) * 6, genome])
     assert dense_kl[0] > 0 and all(s > 0 for s in scores)
     assert fitness.tokens_evaluated == 20 + 2 * 40
+    # The same scores with the student streamed block by block.
+    streamed = LiveModel(model, spec, shape, genes, cands, store, stream=True)
+    again = KLFitness(streamed, calib, TeacherCache(tmp_path / "t", 6, 16, 8), (20, 40), random.Random(0))
+    assert again(0, [(0,) * 6]) == dense_kl
+    assert all(abs(x - y) < 1e-5 for x, y in zip(again(1, [(0,) * 6, genome]), scores, strict=True))

@@ -21,6 +21,7 @@ from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
+from tyr.stream import capture, on_device, run_blocks
 from tyr.supernet import Candidate, Store
 from tyr.workdir import atomic_json, atomic_write
 
@@ -119,14 +120,21 @@ class LiveModel:
         candidates: dict[Gene, list[Candidate]],
         store: Store,
         device: str = "cpu",
+        stream: bool | None = None,
     ) -> None:
         from tyr.modeling import set_attention, set_mlp
 
         self._set_attention, self._set_mlp = set_attention, set_mlp
         self.dense, self.spec, self.shape, self.genes, self.store = dense, spec, shape, tuple(genes), store
         self.by_level = {g: {c.level: c for c in candidates[g]} for g in self.genes}
-        self.device = device  # the student lives here; the dense teacher stays where it is
-        self.model = copy.deepcopy(dense).eval().to(device)
+        # The student lives on `device` when it fits there; otherwise (stream) it stays in host
+        # memory and each forward moves one block at a time to the device. The dense teacher
+        # stays where it is.
+        self.stream = _too_big(dense, device) if stream is None else stream
+        self.device = device
+        self.model = copy.deepcopy(dense).eval()
+        if not self.stream:
+            self.model.to(device)
         self.loaded: dict[Gene, int] = {}
         self.reloads = 0
 
@@ -146,23 +154,48 @@ class LiveModel:
                 self._set_mlp(
                     live_layers[b], self.spec, arch.mlp_parts(dense_layers[b], self.spec), cand.kept, weight
                 )
-            if self.device != "cpu":
+            if self.device != "cpu" and not self.stream:
                 live_layers[b].to(self.device)
             self.loaded[gene] = level
             self.reloads += 1
         return self.model
 
 
-def _final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor) -> Tensor:
-    base = arch.get_module(model, spec.layers.rpartition(".")[0])
-    return base(input_ids=ids, use_cache=False).last_hidden_state
+def _too_big(model: nn.Module, device: str) -> bool:
+    """Whether a copy of `model` would take more than 80 % of the device's free memory."""
+    if device == "cpu":
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size > 0.8 * free
 
 
-def _gathered_logits(model: nn.Module, spec: ArchSpec, ids: Tensor, t_idx: Tensor, chunk: int = 16) -> Tensor:
+def _final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, stream_to: str | None = None) -> Tensor:
+    """Final hidden states (after the final norm); with `stream_to`, the model stays where it is
+    and its blocks visit that device one at a time."""
+    if stream_to is None:
+        base = arch.get_module(model, spec.layers.rpartition(".")[0])
+        return base(input_ids=ids, use_cache=False).last_hidden_state
+    inputs = run_blocks(model, spec, capture(model, spec, [ids], stream_to), stream_to)
+    norm = arch.get_module(model, spec.final_norm)
+    with on_device(norm, stream_to):
+        out = norm(inputs.hidden[0].to(stream_to)).to(ids.device)
+    inputs.close()
+    return out
+
+
+def _gathered_logits(
+    model: nn.Module,
+    spec: ArchSpec,
+    ids: Tensor,
+    t_idx: Tensor,
+    chunk: int = 16,
+    stream_to: str | None = None,
+) -> Tensor:
     """Student logits at the teacher's top-k indices, [B, T, k] fp32: only those k rows of the
     LM head are multiplied (k·d instead of V·d per position), in position chunks (§7.5)."""
     head = arch.get_module(model, spec.lm_head)
-    h = _final_hidden(model, spec, ids.to(head.weight.device)).float()
+    h = _final_hidden(model, spec, ids.to(head.weight.device), stream_to).float()
     W = head.weight.float()  # [V, d]
     idx = t_idx.to(h.device).long()
     parts = []
@@ -211,6 +244,8 @@ class KLFitness:
         rows, last = self.minibatch(self.stage_tokens[stage])
         vals, idx = self.teacher.get(rows, self._teacher_logits)
 
+        spec, to = self.live.spec, (self.live.device if self.live.stream else None)
+
         def score(genome: Genome) -> float:
             model = self.live.apply(genome)
             total, count = 0.0, 0
@@ -221,10 +256,10 @@ class KLFitness:
                     full, tail = ids[:-1], ids[-1:, :last]
                     for part, pv, pi in ((full, v[:-1], i[:-1]), (tail, v[-1:, :last], i[-1:, :last])):
                         if part.shape[0]:
-                            kl, n = topk_kl(_gathered_logits(model, self.live.spec, part, pi), pv, pi)
+                            kl, n = topk_kl(_gathered_logits(model, spec, part, pi, stream_to=to), pv, pi)
                             total, count = total + kl, count + n
                 else:
-                    kl, n = topk_kl(_gathered_logits(model, self.live.spec, ids, i), v, i)
+                    kl, n = topk_kl(_gathered_logits(model, spec, ids, i, stream_to=to), v, i)
                     total, count = total + kl, count + n
             self.tokens_evaluated += (len(rows) - 1) * self.calib.shape[1] + last
             return total / max(count, 1)

@@ -95,7 +95,9 @@ def watch(
         timeline.append((now, phase(work)))
         if target is not None and reached is None and timeline[-1][1] == target:
             reached = now
-        if reached is not None and now >= reached + delay:
+        # Kill `delay` seconds into the target phase, or as it ends if this run is faster.
+        left = reached is not None and timeline[-1][1] != target
+        if reached is not None and (now >= reached + delay or left):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             break
@@ -141,16 +143,22 @@ def main() -> None:
         k: [(p, d) for p, d in segments(timeline) if kind(p) == k and d > 0] for k in ("supernet", "search")
     }
     rng = random.Random(ns.seed)
-    plan = []
-    for i in range(ns.kills):
+
+    def draw(i: int) -> tuple[str, float]:
         pool = phases["supernet" if i % 2 == 0 else "search"] or phases["supernet"]
         p, d = rng.choices(pool, weights=[d for _, d in pool])[0]
-        plan.append((p, round(rng.uniform(0, d), 2)))
+        return p, round(rng.uniform(0, d), 2)
 
     trials: list[dict[str, Any]] = []
-    for i, (target, delay) in enumerate(plan):
+    for i in range(ns.kills):
         out, work = root / f"out{i}", root / f"w{i}"
-        code, tl, at = watch(command(args, out, work), work, target, delay)
+        for _ in range(3):  # a run that ends before its kill point (it never showed that phase
+            target, delay = draw(i)  # between two samples) is redrawn
+            code, tl, at = watch(command(args, out, work), work, target, delay)
+            if code == -signal.SIGKILL:
+                break
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
         hit = tl[-1][1] if tl else "start"
         left_out = out.exists()
         t0 = time.monotonic()

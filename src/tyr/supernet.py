@@ -144,7 +144,10 @@ class Store:
         return cands
 
     def load_all(self, genes: list[Gene]) -> dict[Gene, list[Candidate]] | None:
-        """Every gene's verified candidates when the whole iteration is finished, else None."""
+        """Every gene's verified candidates when the whole iteration is finished, else None.
+        An unfinished manifest returns at once: the build verifies its files as it resumes."""
+        if any(self.sublayers.get(self.key(g), {}).get("status") != "done" for g in genes):
+            return None
         out = {}
         for gene in genes:
             cands = self.finished(gene)

@@ -89,7 +89,7 @@ def test_paper_saliency_formula():
     p = make_problem(W, H)
     state = OBSState.start(p)
     groups = group_rows(4, 3)
-    Hinv = torch.linalg.inv(p.Hd)
+    Hinv = torch.linalg.inv(p.hd())
     rows = [abs(float(p.G[i] @ p.W[i])) + float(p.W[i] @ p.W[i]) / (2 * float(Hinv[i, i])) for i in range(12)]
     expect = torch.tensor(rows, dtype=torch.float64).view(4, 3).mean(dim=1)
     assert torch.allclose(scores(state, p.G, groups, "paper"), expect, rtol=1e-9)

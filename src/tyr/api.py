@@ -21,7 +21,7 @@ from tyr.data import windows
 from tyr.errors import UserError
 from tyr.export import modeling_sha256, save_pruned, verify_export, write_card
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
-from tyr.models import fingerprint, load_weights, open_model
+from tyr.models import fingerprint, load_lazy, load_weights, open_model
 from tyr.perplexity import perplexity
 from tyr.search.driver import SearchOptions, search_prune
 from tyr.stream import capture
@@ -231,7 +231,12 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         )
     t = clock.add("calibration", t)
 
-    model = load_weights(opened, getattr(torch, cfg.dtype))
+    # The uniform prune reads one block at a time from the checkpoint; the search holds the model.
+    spill = workdir / "stream"
+    shutil.rmtree(spill, ignore_errors=True)  # what a killed uniform run left
+    model = load_lazy(opened, getattr(torch, cfg.dtype), spill) if cfg.method == "uniform" and main else None
+    if model is None:
+        model = load_weights(opened, getattr(torch, cfg.dtype))
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
     if main:
@@ -340,6 +345,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     write_card(tmp, data, command, opened.provenance())
     atomic_json(tmp / RESULT, data, indent=2)
     _finish_out(tmp, out)
+    shutil.rmtree(spill, ignore_errors=True)
     return Result(out, data)
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tyr import arch, modeling_tyr
+from tyr import arch, lazy, modeling_tyr
 from tyr.errors import UserError
 from tyr.modeling import LayerPlan, plans_metadata
+from tyr.stream import capture, run_blocks
 
 __all__ = [
     "FORMAT",
@@ -89,7 +91,12 @@ def save_pruned(
     """Write the checkpoint (everything but the model card, which needs the run's numbers)."""
     dest.mkdir(parents=True, exist_ok=True)
     hf_model: Any = model
-    hf_model.save_pretrained(dest, max_shard_size=max_shard_size)  # weights + generation_config.json
+    if lazy.is_lazy(model):  # tensor by tensor from the block files
+        lazy.save(model, dest)
+        if hf_model.generation_config is not None:
+            hf_model.generation_config.save_pretrained(dest)
+    else:
+        hf_model.save_pretrained(dest, max_shard_size=max_shard_size)  # weights + generation_config.json
     for shard in dest.glob("*.safetensors"):
         shard.chmod(0o644)  # the writer creates them owner-only; the rest of DIR is 0644
     config = export_config(model, plans, shape)
@@ -112,8 +119,9 @@ def _read_config(path: Path) -> Any:
         ) from exc
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, lazy_spill: Path | None = None) -> nn.Module:
+    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode; with
+    `lazy_spill`, as a lazy model (:mod:`tyr.lazy`) when the checkpoint allows it."""
     import transformers
 
     path = Path(path).expanduser()
@@ -125,32 +133,56 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         "trust_remote_code": False,
     }
     meta = getattr(config, "tyr", None)
-    if meta is None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    elif "names" not in meta:
+    cls: Any = transformers.AutoModelForCausalLM
+    if meta is not None and "names" not in meta:
         raise UserError(
             f"{path} was written by an older tyr (no block layout in config.json)", "prune it again"
         )
-    else:
+    if meta is not None:
         name = (getattr(config, "architectures", None) or [spec.architectures[0]])[0]
         cls = getattr(modeling_tyr, f"Tyr{name}")
-        model = cls.from_pretrained(path, **kwargs)
-    return model.eval()
+    if lazy_spill is not None:
+        found = lazy.load(
+            path, config, cls, dtype, lazy_spill, attn_implementation=kwargs["attn_implementation"]
+        )
+        if found is not None:
+            return found
+    return cls.from_pretrained(path, **kwargs).eval()
 
 
 @torch.inference_mode()
 def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
     """Reload what was written through ``from_pretrained`` and check it against the in-memory
-    pruned model: the same parameter counts and the same logits on a short batch (DESIGN.md §4.9)."""
+    pruned model: the same parameter counts and the same logits on a short batch (DESIGN.md §4.9).
+    A lazy model is compared block by block on its final hidden states instead (its LM head is
+    written as read, and a full forward would bring every weight into memory at once)."""
     dtype = next(model.parameters()).dtype
-    again = load(path, dtype=dtype)
-    for count in (arch.count_block_params, arch.count_total_params):
-        if count(again) != count(model):
-            raise RuntimeError(f"{path}: reloaded {count.__name__} differs from the pruned model's")
-    ref, got = model(ids).logits.float(), again(ids).logits.float()
+    streamed = lazy.is_lazy(model)
+    again = load(path, dtype=dtype, lazy_spill=path / ".verify" if streamed else None)
+    try:
+        for count in (arch.count_block_params, arch.count_total_params):
+            if count(again) != count(model):
+                raise RuntimeError(f"{path}: reloaded {count.__name__} differs from the pruned model's")
+        if streamed:
+            what, ref, got = "final hidden states", _final_hidden(model, ids), _final_hidden(again, ids)
+        else:
+            what, ref, got = "logits", model(ids).logits.float(), again(ids).logits.float()
+    finally:
+        shutil.rmtree(path / ".verify", ignore_errors=True)
     if not torch.allclose(ref, got, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max()))):
         diff = float((ref - got).abs().max())
-        raise RuntimeError(f"{path}: reloaded logits differ from the pruned model's (max |Δ| {diff:.3g})")
+        raise RuntimeError(f"{path}: reloaded {what} differ from the pruned model's (max |Δ| {diff:.3g})")
+
+
+def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final norm's output on `ids`, one block at a time."""
+    spec = arch.spec_for(model)
+    inputs = capture(model, spec, [ids])
+    try:
+        run_blocks(model, spec, inputs)
+        return arch.get_module(model, spec.final_norm)(inputs.hidden[0]).float()
+    finally:
+        inputs.close()
 
 
 def write_card(dest: Path, result: dict[str, Any], command: str, base: dict[str, str | None]) -> None:

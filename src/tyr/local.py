@@ -48,20 +48,30 @@ _TINY = 1e-12
 
 @dataclass
 class Problem:
-    """One sub-layer's solver inputs, in the solver dtype."""
+    """One sub-layer's solver inputs. The Gram matrix is kept as given (fp32) and the damped
+    H_d = H + λI in the solver dtype is formed only while a step needs it, so that one d_in²
+    matrix of the solver dtype (H_d⁻¹) is held at a time (ALGORITHM.md §0 A6)."""
 
-    W: Tensor  # [d_in, d_out] dense weight with dead rows zeroed
-    Hd: Tensor  # [d_in, d_in] damped Gram matrix H + λI
+    W: Tensor  # [d_in, d_out] dense weight with dead rows zeroed, solver dtype
+    H: Tensor  # [d_in, d_in] Gram matrix, as accumulated
     G: Tensor  # [d_in, d_out] H_d·W (first-order Taylor term)
     lam: float
     dead: Tensor  # bool [d_in]: H_pp == 0
     _hinv: Tensor | None = None
     memo: dict = field(default_factory=dict)  # results shared by the candidates of one sub-layer
 
+    def hd(self, rows: Tensor | None = None) -> Tensor:
+        """H_d (or its [rows, rows] block) in the solver dtype, freshly allocated."""
+        H = self.H if rows is None else self.H[rows][:, rows]
+        out = H.to(self.W.dtype, copy=True)
+        out.diagonal().add_(self.lam)
+        return out
+
     def hinv(self) -> Tensor:
         """H_d⁻¹, computed once and shared by every candidate of the sub-layer (§5.3)."""
         if self._hinv is None:
-            self._hinv = chol_inverse(self.Hd)
+            A = self.hd()
+            self._hinv = A if _inverse_in_place(A) else chol_inverse(self.hd())
         return self._hinv
 
 
@@ -73,22 +83,23 @@ def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype
     if dtype is None:
         dtype = torch.float64 if H.device.type == "cpu" else torch.float32
     W = W.detach().to(device=H.device, dtype=dtype).clone()
-    H = H.detach().to(dtype)
-    diag = H.diagonal()
+    H = H.detach()
+    diag = H.diagonal().to(dtype)
     dead = diag <= 0
     W[dead] = 0
     mean_diag = float(diag.clamp(min=0).mean())
     lam = damp * mean_diag if mean_diag > 0 else 1.0  # all dead: any λ > 0 makes H_d = λI
-    Hd = H + lam * torch.eye(H.shape[0], dtype=dtype, device=H.device)
-    return Problem(W=W, Hd=Hd, G=Hd @ W, lam=lam, dead=dead)
+    problem = Problem(W=W, H=H, G=W, lam=lam, dead=dead)
+    problem.G = problem.hd() @ W
+    return problem
 
 
 def _cholesky(A: Tensor, jitter: float) -> Tensor:
     """Lower Cholesky factor; on failure add ×10 the jitter up to three times, then fp64 on CPU."""
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     extra = 0.0
     for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(A + extra * eye)
+        shifted = A if attempt == 0 else A + extra * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        L, info = torch.linalg.cholesky_ex(shifted)
         if int(info.max()) == 0:
             if attempt:
                 log.warning("Cholesky needed %.3g extra damping", extra)
@@ -106,6 +117,17 @@ def chol_inverse(A: Tensor, jitter: float | None = None) -> Tensor:
     return torch.cholesky_inverse(_cholesky(A, jitter))
 
 
+def _inverse_in_place(A: Tensor) -> bool:
+    """Overwrite the SPD matrix A with its inverse (factor and inverse in A's memory); False,
+    with A spoiled, when the factorisation fails (the caller then uses :func:`chol_inverse`)."""
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    torch.linalg.cholesky_ex(A, out=(A, info))
+    if int(info) != 0:
+        return False
+    torch.cholesky_inverse(A, out=A)
+    return True
+
+
 def group_rows(n_groups: int, size: int, device: torch.device | None = None) -> Tensor:
     """Row indices of each group, [n_groups, size]: group g owns rows g·size … g·size+size−1."""
     return torch.arange(n_groups * size, device=device).view(n_groups, size)
@@ -121,10 +143,15 @@ class OBSState:
     rounds: int = 0
 
     @classmethod
-    def start(cls, problem: Problem) -> OBSState:
+    def start(cls, problem: Problem, consume: bool = False) -> OBSState:
+        """The state before any removal; `consume` takes the problem's H_d⁻¹ instead of a copy
+        (for a problem solved once)."""
+        hinv = problem.hinv()
+        if consume:
+            problem._hinv = None
         return cls(
             W=problem.W.clone(),
-            Hinv=problem.hinv().clone(),
+            Hinv=hinv if consume else hinv.clone(),
             removed=torch.zeros(problem.W.shape[0], dtype=torch.bool, device=problem.W.device),
         )
 
@@ -188,7 +215,17 @@ def obs_remove(state: OBSState, rows: Tensor) -> None:
     # 4 rounds (every round costs half the solve time on CPU for no measurable change in fp64).
     state.rounds += 1
     if state.rounds % 4 == 0:
-        state.Hinv = 0.5 * (state.Hinv + state.Hinv.T)
+        symmetrize_(state.Hinv)
+
+
+def symmetrize_(A: Tensor, rows: int = 512) -> Tensor:
+    """A ← (A + Aᵀ)/2 in place, a band of rows at a time (no full-size temporary)."""
+    for lo in range(0, A.shape[0], rows):
+        hi = min(lo + rows, A.shape[0])
+        band = (A[lo:hi] + A[:, lo:hi].T) * 0.5
+        A[lo:hi] = band
+        A[:, lo:hi] = band.T
+    return A
 
 
 def schedule_steps(r: int, schedule: str, rounds: int = 16, per_step: int = 16) -> list[int]:
@@ -211,13 +248,15 @@ def removal_order(
     steps: Iterable[int],
     saliency: str,
     stop: Callable[[list[int]], bool] | None = None,
+    consume: bool = False,
 ) -> list[int]:
     """Progressive OBS removal (§4.4): returns group indices in the order they were removed.
 
     Each round removes the `m` lowest-scoring remaining groups jointly; `stop(order)` is asked
-    after every round and ends the removal early when it returns True.
+    after every round and ends the removal early when it returns True. `consume`: the problem
+    is solved once, so its H_d⁻¹ is updated in place rather than copied.
     """
-    state = OBSState.start(problem)
+    state = OBSState.start(problem, consume)
     order: list[int] = []
     for m in steps:
         s = scores(state, problem.G, groups, saliency)
@@ -234,7 +273,7 @@ def refit(problem: Problem, kept_rows: Tensor) -> Tensor:
     W_hat = torch.zeros_like(problem.W)
     if kept_rows.numel() == 0:
         return W_hat
-    Hkk = problem.Hd[kept_rows][:, kept_rows]
+    Hkk = problem.hd(kept_rows)
     try:
         L = _cholesky(Hkk, max(problem.lam, _TINY))
         W_hat[kept_rows] = torch.cholesky_solve(problem.G[kept_rows], L)
@@ -253,7 +292,7 @@ def rel_error(problem: Problem, W_hat: Tensor) -> float:
     den = float((problem.W * problem.G).sum())
     if den <= 0:
         return 0.0
-    num = float((W_hat * (problem.Hd @ W_hat)).sum()) - 2 * float((W_hat * problem.G).sum()) + den
+    num = float((W_hat * (problem.hd() @ W_hat)).sum()) - 2 * float((W_hat * problem.G).sum()) + den
     return max(num, 0.0) / den
 
 
@@ -304,7 +343,7 @@ def solve(
     """Remove r of the W.shape[0]/size groups: progressive OBS removal, then the final refit."""
     problem = make_problem(W, H, damp=damp, dtype=dtype)
     return solve_problem(
-        problem, size, r, saliency=saliency, schedule=schedule, rounds=rounds, per_step=per_step
+        problem, size, r, saliency=saliency, schedule=schedule, rounds=rounds, per_step=per_step, consume=True
     )
 
 
@@ -317,8 +356,10 @@ def solve_problem(
     schedule: str = "rounds",
     rounds: int = 16,
     per_step: int = 16,
+    consume: bool = False,
 ) -> Solution:
-    """:func:`solve` on a prepared problem (several removal counts share one problem)."""
+    """:func:`solve` on a prepared problem (several removal counts share one problem, unless
+    `consume`: then its H_d⁻¹ is used up by this solve)."""
     n = problem.W.shape[0] // size
     if not 0 <= r <= n:
         raise ValueError(f"cannot remove {r} of {n} groups")
@@ -327,7 +368,9 @@ def solve_problem(
     if r == 0:
         return solution_for_kept(problem, torch.arange(n), size)
     groups = group_rows(n, size, problem.W.device)
-    order = removal_order(problem, groups, schedule_steps(r, schedule, rounds, per_step), saliency)
+    order = removal_order(
+        problem, groups, schedule_steps(r, schedule, rounds, per_step), saliency, consume=consume
+    )
     return solution_for_kept(problem, _kept_after(n, order, problem.W.device), size)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tyr import arch
+from tyr import arch, lazy
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import HeadLayout, layout
 from tyr.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
@@ -109,9 +109,10 @@ def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec,
     for idx, (layer, plan) in enumerate(zip(arch.layers(model, spec), plans, strict=True)):
         if plan is None:
             continue
-        a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-        set_attention(layer, spec, shape, idx, a, plan.heads, plan.o_weight)
-        set_mlp(layer, spec, m, plan.kept_neurons, plan.down_weight)
+        with lazy.editing(layer):
+            a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+            set_attention(layer, spec, shape, idx, a, plan.heads, plan.o_weight)
+            set_mlp(layer, spec, m, plan.kept_neurons, plan.down_weight)
     return model
 
 

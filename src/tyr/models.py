@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyr import arch, assets
+from tyr import arch, assets, lazy
 from tyr.errors import UserError
 from tyr.modeling import unfuse
 
@@ -24,6 +24,7 @@ __all__ = [
     "Opened",
     "open_model",
     "load_weights",
+    "load_lazy",
     "load_model",
     "gguf_to_hf",
     "fingerprint",
@@ -188,6 +189,25 @@ def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Modul
     return unfuse(model, opened.spec).eval()
 
 
+def load_lazy(opened: Opened, dtype: torch.dtype, spill: Path) -> nn.Module | None:
+    """The model as a lazy model (:mod:`tyr.lazy`: one block in memory at a time, changed blocks
+    spilled under `spill`), or None when its checkpoint is not a local safetensors one with the
+    modules' own names (then :func:`load_weights`)."""
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(opened.where, Path) or opened.spec.qkv or opened.spec.gate_up:
+        return None
+    return lazy.load(
+        opened.where,
+        opened.config,
+        AutoModelForCausalLM,
+        dtype,
+        spill,
+        attn_implementation=arch.attn_implementation(opened.config),
+        trust_remote_code=opened.trust_remote_code,
+    )
+
+
 def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a supported causal LM and its tokenizer on the CPU, in eval mode."""
     opened = open_model(name)
@@ -197,9 +217,12 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
 def fingerprint(model: nn.Module) -> str:
     """A cheap identity of a model's weights: names, shapes and a strided sample of values."""
     h = hashlib.sha256()
-    for key, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta:  # a lazy model's tensor on disk: the same values, read where they lie
+            sample = lazy.sample(model, key, t)
+        else:
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(sample.numpy().tobytes())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tyr import arch
+from tyr import arch, lazy
 from tyr.arch import ArchSpec
 
 __all__ = [
@@ -167,9 +167,9 @@ def capture(
     front = [arch.get_module(model, spec.embed), arch.get_module(model, spec.rotary)]
     for m in front:
         m.to(device)
-    if stop_at:
-        for b in range(stop_at):
-            blocks[b].to(device)
+    held = contextlib.ExitStack()
+    for b in range(stop_at):
+        held.enter_context(on_device(blocks[b], device))
 
     seen: dict[str, dict[str, Any]] = {}
     first_hidden: list[Tensor] = []
@@ -205,8 +205,9 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+        held.close()
         if str(device) != "cpu":
-            for m in [*front, *blocks[:stop_at]]:
+            for m in front:
                 m.to("cpu")
     if types is None:
         return BlockInputs(store, all_kwargs)
@@ -221,15 +222,17 @@ def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> T
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """Hold one block on the compute device for the duration of the block's work."""
-    if str(device) == "cpu":
-        yield module
-        return
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
+    """Hold one block on the compute device for the duration of the block's work (a block of
+    a lazy model is read from disk first and dropped afterwards, see :mod:`tyr.lazy`)."""
+    with lazy.resident(module):
+        if str(device) == "cpu":
+            yield module
+            return
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
 
 
 def run_blocks(

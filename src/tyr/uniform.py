@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tyr import arch
+from tyr import arch, lazy
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout, prune_attention, round_half_up, spread
 from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept, solve
@@ -79,7 +79,7 @@ def prune_uniform(
     blocks = arch.layers(model, spec)
     with tqdm(total=len(blocks), desc="pruning blocks", unit="block") as bar:
         for b, layer in enumerate(blocks):
-            with on_device(layer, device):
+            with lazy.editing(layer), on_device(layer, device):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 # Attention: target the remaining budget spread evenly over the remaining blocks.
                 target = round(attn_left / (len(blocks) - b))
@@ -109,14 +109,14 @@ def prune_uniform(
                     layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device
                 )
                 sol_f = solved[0]
-            plans.append(
-                LayerPlan(
-                    heads=heads,
-                    kept_neurons=tuple(sol_f.kept.tolist()),
-                    o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
-                    down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
+                plans.append(
+                    LayerPlan(
+                        heads=heads,
+                        kept_neurons=tuple(sol_f.kept.tolist()),
+                        o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
+                        down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
+                    )
                 )
-            )
             log.debug(
                 "block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f",
                 b,
@@ -129,4 +129,5 @@ def prune_uniform(
             )
             bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
             bar.update()
+            del sol_a, sol_f, solved  # full-size solver weights: not held through the next block
     return plans

@@ -71,7 +71,10 @@ class Problem:
         """H_d⁻¹, computed once and shared by every candidate of the sub-layer (§5.3)."""
         if self._hinv is None:
             A = self.hd()
-            self._hinv = A if _inverse_in_place(A) else chol_inverse(self.hd())
+            if not _inverse_in_place(A):
+                del A  # spoiled by the failed factorisation
+                A = chol_inverse(self.hd())
+            self._hinv = A
         return self._hinv
 
 
@@ -119,12 +122,18 @@ def chol_inverse(A: Tensor, jitter: float | None = None) -> Tensor:
 
 def _inverse_in_place(A: Tensor) -> bool:
     """Overwrite the SPD matrix A with its inverse (factor and inverse in A's memory); False,
-    with A spoiled, when the factorisation fails (the caller then uses :func:`chol_inverse`)."""
+    with A spoiled, when the factorisation fails (the caller then uses :func:`chol_inverse`).
+    CPU only; on an accelerator the out-of-place path is taken."""
+    if A.device.type != "cpu":
+        return False
+    # LAPACK works on column-major storage; A is symmetric, so its transposed view is A itself
+    # in that layout and the factorisation needs no copy.
+    F = A.mT
     info = torch.empty((), dtype=torch.int32, device=A.device)
-    torch.linalg.cholesky_ex(A, out=(A, info))
+    torch.linalg.cholesky_ex(F, out=(F, info))
     if int(info) != 0:
         return False
-    torch.cholesky_inverse(A, out=A)
+    torch.cholesky_inverse(F, out=F)
     return True
 
 
@@ -162,11 +171,21 @@ def _spd_solve(B: Tensor, X: Tensor) -> Tensor:
     return torch.cholesky_solve(X, _cholesky(B, jitter))
 
 
-def scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str) -> Tensor:
+def scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str, chunk_bytes: int = 32 << 20) -> Tensor:
     """Saliency of each group (lower goes first); groups with a removed row score +∞ (§4.3).
 
     groups: [n_groups, size] row indices. Evaluated on the current W and H⁻¹ with G fixed.
+    Single-row groups (MLP channels) are scored `chunk_bytes` of W rows at a time, so the
+    gathered copies stay small; each row's score is computed alone, so chunks change nothing.
     """
+    n, d_out = groups.shape[0], state.W.shape[1]
+    rows = max(1, chunk_bytes // (d_out * state.W.element_size()))
+    if groups.shape[1] == 1 and n > rows:
+        return torch.cat([_scores(state, G, groups[i : i + rows], saliency) for i in range(0, n, rows)])
+    return _scores(state, G, groups, saliency)
+
+
+def _scores(state: OBSState, G: Tensor, groups: Tensor, saliency: str) -> Tensor:
     Wg = state.W[groups]  # [n, size, d_out]
     Gg = G[groups]
     first = (Wg * Gg).sum(dim=(1, 2))  # ⟨W_R, G_R⟩

@@ -13,7 +13,9 @@ from tyr import arch
 from tyr.arch import ArchSpec
 from tyr.stream import capture, on_device, run_blocks
 
-__all__ = ["nll_sum", "perplexity"]
+__all__ = ["LOGIT_ELEMENTS", "nll_sum", "perplexity"]
+
+LOGIT_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB), whatever the batch and vocabulary
 
 
 def nll_sum(
@@ -21,24 +23,21 @@ def nll_sum(
     ids: Tensor,
     norm: nn.Module,
     head: nn.Module,
-    chunk: int = 256,
     softcap: float | None = None,
 ) -> tuple[float, int]:
     """Σ next-token NLL over a batch [b, T] from final hidden states, logits upcast to fp32 in
-    position chunks so [T, V] fp32 never exists at once (ALGORITHM.md §11.2); `softcap` is the
-    family's final logit soft-capping."""
-    total, count = 0.0, 0
-    h = norm(hidden)[:, :-1]
-    targets = ids[:, 1:].to(h.device)
-    for s in range(0, h.shape[1], chunk):
-        logits = head(h[:, s : s + chunk]).float()
+    chunks of tokens so that a chunk holds at most LOGIT_ELEMENTS values and [b·T, V] fp32 never
+    exists at once (ALGORITHM.md §11.2); `softcap` is the family's final logit soft-capping."""
+    total = 0.0
+    h = norm(hidden)[:, :-1].flatten(0, 1)
+    targets = ids[:, 1:].to(h.device).flatten()
+    rows = max(1, LOGIT_ELEMENTS // int(head.weight.shape[0]))
+    for s in range(0, h.shape[0], rows):
+        logits = head(h[s : s + rows]).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        total += float(
-            F.cross_entropy(logits.flatten(0, 1), targets[:, s : s + chunk].flatten(), reduction="sum")
-        )
-        count += targets[:, s : s + chunk].numel()
-    return total, count
+        total += float(F.cross_entropy(logits, targets[s : s + rows], reduction="sum"))
+    return total, int(targets.numel())
 
 
 @torch.inference_mode()

@@ -56,6 +56,7 @@ from tyr.config import PruneConfig, int_list, resolve_preset
 from tyr.errors import UserError
 from tyr.gqa import round_half_up, spread
 from tyr.modeling import unfuse
+from tyr.perplexity import LOGIT_ELEMENTS
 from tyr.report import fmt_bytes, fmt_params
 from tyr.search.space import ffn_step_floor, level_range, step_units
 
@@ -91,7 +92,6 @@ FORWARD_FLOPS_PER_S_2T = 1.148e11
 LOCAL_SOLVE_FACTOR = 4.31
 
 RUNTIME_OVERHEAD_BYTES = 1_000_000_000  # Python, torch and transformers, resident
-LOGIT_CHUNK = 256  # positions per fp32 logits chunk in the perplexity (tyr.perplexity.nll_sum)
 SAFETENSORS_HEADER_BYTES = 256  # JSON header of one candidate file, approximately
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -360,19 +360,25 @@ def eval_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> fl
 
 
 def peak_ram(dims: Dims, settings: Settings, method: str, dtype_bytes: int, supernet: int) -> tuple[int, str]:
-    """(bytes, phase) of the largest host-memory phase, block activations kept in memory."""
+    """(bytes, phase) of the largest host-memory phase, block activations kept in memory.
+
+    `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
+    safetensors checkpoint (tyr.lazy) and keeps the MLP's intermediate activations on disk."""
     shape = dims.shape
     weights = dims.total * dtype_bytes
+    if method != "tyr":
+        weights = dims.block // shape.n_layers * dtype_bytes  # one block (embeddings: mapped)
     held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
     calib_acts = settings.calib_tokens * shape.hidden * dtype_bytes * 2  # block input and output
-    mlp_inputs = settings.calib_tokens * shape.intermediate * dtype_bytes  # for z·ΔWᵀ
+    mlp_inputs = settings.calib_tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
-    solver = n_in**2 * (4 + 2 * 8)  # fp32 Gram, fp64 damped Hessian and its inverse
+    # fp32 Gram and fp64 H_d⁻¹, plus (tyr) the working copy of each level's solve; W, G, Ŵ in fp64
+    solver = n_in**2 * (4 + 8 + (8 if method == "tyr" else 0)) + 3 * n_in * shape.hidden * 8
     phases = {
         "prune": weights + calib_acts + mlp_inputs + solver + held,
         "eval": weights
         + settings.eval_tokens * shape.hidden * dtype_bytes * 2
-        + settings.batch_size * min(LOGIT_CHUNK, settings.seq_len) * dims.vocab * 4 * 2,  # logits, log-probs
+        + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
         phases["search"] = 2 * weights + held  # the dense teacher and the live student copy

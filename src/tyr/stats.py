@@ -80,14 +80,16 @@ def propagate_mlp(
     *,
     residual: bool,
     device: str = "cpu",
+    z_offload: str | None = None,
 ) -> None:
     """Collect down_proj's H under the block's current weights, set down_proj to the weight that
     `choose(H)` returns, and leave the block's outputs under it in `inputs` (in place).
 
     For a residual MLP the output is h + z·W_downᵀ, so this pass's outputs plus z·ΔWᵀ are the
     new outputs (ALGORITHM.md §0 A2): one forward instead of two. Otherwise the block re-runs.
+    The z (d_ff wide) are kept where `z_offload` says, by default beside the activations.
     """
-    z_store = inputs.hidden.sibling() if residual else None
+    z_store = inputs.hidden.sibling(z_offload) if residual else None
     gram = Gram(down.in_features, device=device)
     with gram_of(down, gram, sink=z_store.append if z_store is not None else None):
         for i in range(len(inputs)):

@@ -54,9 +54,9 @@ class ActivationStore:
         if offload == "disk":
             self._dir = Path(tempfile.mkdtemp(prefix="tyr-act-", dir=root))
 
-    def sibling(self) -> ActivationStore:
-        """A new, empty store with the same placement."""
-        return ActivationStore(self.offload, self.root)
+    def sibling(self, offload: str | None = None) -> ActivationStore:
+        """A new, empty store with the same placement (or `offload`, in the same root)."""
+        return ActivationStore(offload or self.offload, self.root)
 
     def __len__(self) -> int:
         return len(self._items)

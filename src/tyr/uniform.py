@@ -72,8 +72,12 @@ def prune_uniform(
 ) -> list[LayerPlan | None]:
     """Prune every block in place (masked: refitted o_proj/down_proj with zero columns) and
     return the per-block plans. `inputs` (block-0 inputs) are consumed: on return they hold the
-    pruned model's final hidden states."""
+    pruned model's final hidden states. A lazy model (:mod:`tyr.lazy`) is read and written one
+    block at a time."""
     alloc = allocate(shape, sparsity)
+    # A lazy model is pruned in the low-memory way throughout: the MLP's d_ff-wide intermediate
+    # activations, 4× the hidden states, wait on disk while down_proj is solved.
+    streamed = lazy.is_lazy(model)
     attn_left = alloc.attn_params
     plans: list[LayerPlan | None] = []
     blocks = arch.layers(model, spec)
@@ -106,7 +110,13 @@ def prune_uniform(
                     return solved[0].weight.T
 
                 propagate_mlp(
-                    layer, m.down, inputs, choose, residual=spec.mlp_output_is_residual, device=device
+                    layer,
+                    m.down,
+                    inputs,
+                    choose,
+                    residual=spec.mlp_output_is_residual,
+                    device=device,
+                    z_offload="disk" if streamed else None,
                 )
                 sol_f = solved[0]
                 plans.append(

@@ -31,7 +31,8 @@ def nll_sum(
     total = 0.0
     h = norm(hidden)[:, :-1].flatten(0, 1)
     targets = ids[:, 1:].to(h.device).flatten()
-    rows = max(1, LOGIT_ELEMENTS // int(head.weight.shape[0]))
+    vocab: int = head.out_features if isinstance(head, nn.Linear) else int(head(h[:1]).shape[-1])
+    rows = max(1, LOGIT_ELEMENTS // vocab)
     for s in range(0, h.shape[0], rows):
         logits = head(h[s : s + rows]).float()
         if softcap is not None:

@@ -249,6 +249,9 @@ def main() -> None:
     ap.add_argument("--workdir", help="its work directory (for supernet_disk_ratio)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: e2e, speed, 1b")
     ap.add_argument("--root", help="where runs go (default: a temporary directory, removed after)")
+    ap.add_argument(
+        "--merge", help="an earlier tyr.bench/1 JSON whose keys fill those this run skips (named in `merged`)"
+    )
     ns = ap.parse_args()
     skip = set(filter(None, ns.skip.split(",")))
     root = Path(ns.root) if ns.root else Path(tempfile.mkdtemp(prefix="tyr-bench-"))
@@ -292,12 +295,20 @@ def main() -> None:
         found.update({f"{k}_1b": v for k, v in pair.items() if k in KEYS})
         detail["speed_1b"] = pair
 
+    merged: list[str] = []
+    if ns.merge:
+        earlier = json.loads(Path(ns.merge).read_text())
+        merged = [k for k in KEYS if found.get(k) is None and earlier.get(k) is not None]
+        found.update({k: earlier[k] for k in merged})
+        found.setdefault("stages", earlier.get("stages"))
+        detail = {**earlier.get("detail", {}), **detail}
     bench = {
         "schema": "tyr.bench/1",
         "suite": ns.suite,
         **{k: (round(found[k], 4) if isinstance(found.get(k), float) else found.get(k)) for k in KEYS},
         "stages": found.get("stages"),
         "not_measured": [k for k in KEYS if found.get(k) is None],
+        **({"merged": {"from": ns.merge, "keys": merged}} if merged else {}),
         "machine": {
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),

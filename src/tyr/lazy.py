@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +79,7 @@ class Checkpoint:
 
     def __init__(self, files: list[Path]) -> None:
         self.entries: dict[str, Entry] = {}
+        self._maps: list[mmap.mmap] = []
         for path in files:
             header, base = _header(path)
             for name, info in header.items():
@@ -136,8 +137,9 @@ class Checkpoint:
         return torch.cat(values).float() if values else torch.zeros(0)
 
     def mapped(self, name: str, dtype: torch.dtype, cache: Path) -> Tensor:
-        """The tensor as a copy-on-write memory map in `dtype`: pages are read when touched.
-        A tensor stored in another dtype is converted once into `cache` (plain writes)."""
+        """The tensor as a private memory map in `dtype`: pages are read when touched (and
+        dropped again by :meth:`drop_pages`). A tensor stored in another dtype is converted
+        once into `cache` (plain writes)."""
         e = self.entries[name]
         if e.dtype == dtype:
             path, offset = e.path, e.start
@@ -151,8 +153,19 @@ class Checkpoint:
                         f.write(_raw(piece))
                 tmp.replace(cache)
         nbytes = math.prod(e.shape) * _itemsize(dtype)
-        array = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
-        return torch.from_numpy(array).view(dtype).view(e.shape)
+        with path.open("rb") as f:
+            mm = mmap.mmap(
+                f.fileno(), offset + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        self._maps.append(mm)
+        return torch.frombuffer(mm, dtype=torch.uint8, offset=offset, count=nbytes).view(dtype).view(e.shape)
+
+    def drop_pages(self) -> None:
+        """Let go of the mapped pages read so far (an embedding lookup touches the rows of its
+        tokens and, through the kernel's fault-around, their neighbours): they are re-read from
+        the file if needed again."""
+        for mm in self._maps:
+            mm.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -168,6 +181,13 @@ class Source:
 
 def is_lazy(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
+
+
+def drop_pages(model: nn.Module) -> None:
+    """:meth:`Checkpoint.drop_pages` of a lazy model's mapped tensors; a no-op otherwise."""
+    ckpt: Checkpoint | None = getattr(model, _ATTR, None)
+    if ckpt is not None:
+        ckpt.drop_pages()
 
 
 def load(

@@ -67,6 +67,16 @@ class Problem:
         out.diagonal().add_(self.lam)
         return out
 
+    def hd_matmul(self, X: Tensor, rows: int = 1024) -> Tensor:
+        """H_d·X, forming H_d a band of rows at a time (the product's rows are independent)."""
+        out = torch.empty((self.H.shape[0], X.shape[1]), dtype=X.dtype, device=X.device)
+        for lo in range(0, self.H.shape[0], rows):
+            hi = min(lo + rows, self.H.shape[0])
+            band = self.H[lo:hi].to(X.dtype, copy=True)
+            band[:, lo:hi].diagonal().add_(self.lam)
+            torch.mm(band, X, out=out[lo:hi])
+        return out
+
     def hinv(self) -> Tensor:
         """H_d⁻¹, computed once and shared by every candidate of the sub-layer (§5.3)."""
         if self._hinv is None:
@@ -93,7 +103,7 @@ def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype
     mean_diag = float(diag.clamp(min=0).mean())
     lam = damp * mean_diag if mean_diag > 0 else 1.0  # all dead: any λ > 0 makes H_d = λI
     problem = Problem(W=W, H=H, G=W, lam=lam, dead=dead)
-    problem.G = problem.hd() @ W
+    problem.G = problem.hd_matmul(W)
     return problem
 
 
@@ -311,7 +321,7 @@ def rel_error(problem: Problem, W_hat: Tensor) -> float:
     den = float((problem.W * problem.G).sum())
     if den <= 0:
         return 0.0
-    num = float((W_hat * (problem.hd() @ W_hat)).sum()) - 2 * float((W_hat * problem.G).sum()) + den
+    num = float((W_hat * problem.hd_matmul(W_hat)).sum()) - 2 * float((W_hat * problem.G).sum()) + den
     return max(num, 0.0) / den
 
 

@@ -209,6 +209,7 @@ def capture(
         if str(device) != "cpu":
             for m in front:
                 m.to("cpu")
+        lazy.drop_pages(model)  # the embedding rows the lookups brought in
     if types is None:
         return BlockInputs(store, all_kwargs)
     return BlockInputs(store, all_kwargs, by_type, {id(blk): t for blk, t in zip(blocks, types, strict=True)})

@@ -14,7 +14,7 @@ Parts (each can be skipped; a key that was not measured is null and listed in `n
   stock transformers'.
 - `1b`: a random-weight Llama of the Llama-3.2-1B shape stored as bf16 safetensors, pruned by
   50 % with `--method uniform --calib-tokens 16384` (`peak_rss_ratio`: peak RSS of that run over
-  the model's fp32 size), and the same speed keys as `speed` with suffix `_1b`.
+  the model's fp32 size), and (part `speed_1b`) the same speed keys as `speed` with suffix `_1b`.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--run", help="a finished `tyr prune --sparsity 0.5` output directory to reuse")
     ap.add_argument("--workdir", help="its work directory (for supernet_disk_ratio)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: e2e, speed, 1b")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: e2e, speed, 1b, speed_1b")
     ap.add_argument("--root", help="where runs go (default: a temporary directory, removed after)")
     ap.add_argument(
         "--merge", help="an earlier tyr.bench/1 JSON whose keys fill those this run skips (named in `merged`)"
@@ -291,9 +291,10 @@ def main() -> None:
         _, wall, peak = prune(args, root / "p1b", root / "w1b")
         found["peak_rss_ratio"] = peak / fp32
         detail["1b"] = {"fp32_bytes": fp32, "peak_rss_bytes": peak, "prune_s": round(wall, 1)}
-        pair = speed_pair(str(src), str(root / "p1b"))
-        found.update({f"{k}_1b": v for k, v in pair.items() if k in KEYS})
-        detail["speed_1b"] = pair
+        if "speed_1b" not in skip:
+            pair = speed_pair(str(src), str(root / "p1b"))
+            found.update({f"{k}_1b": v for k, v in pair.items() if k in KEYS})
+            detail["speed_1b"] = pair
 
     merged: list[str] = []
     if ns.merge:

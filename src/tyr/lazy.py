@@ -282,12 +282,9 @@ def editing(layer: nn.Module) -> Iterator[nn.Module]:
     with resident(layer):
         yield layer
         if src is not None:
-            from safetensors.torch import save_file
-
             src.spill.parent.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.contiguous() for k, v in layer.state_dict().items()}
             tmp = src.spill.with_name(src.spill.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            _write_shard(tmp, [(k, v, None) for k, v in layer.state_dict().items()])
             tmp.replace(src.spill)
             src.checkpoint, src.prefix = Checkpoint([src.spill]), ""
 

@@ -19,7 +19,7 @@ from tyr import arch, lazy
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import HeadLayout, layout
 from tyr.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
-from tyr.surgery import expand_cols, slice_gate_up, slice_qkv
+from tyr.surgery import compact_cols, expand_cols, slice_gate_up, slice_qkv
 
 __all__ = [
     "LayerPlan",
@@ -37,13 +37,22 @@ __all__ = [
 class LayerPlan:
     """A pruned block: kept heads and neurons, and the compact refitted consumer weights.
 
-    o_weight: [d, |kept_q|·d_h], down_weight: [d, |kept_neurons|] (Linear orientation).
+    o_weight: [d, |kept_q|·d_h], down_weight: [d, |kept_neurons|] (Linear orientation); None
+    when the block's own o_proj / down_proj already hold them, masked (zero columns for the
+    removed units): a lazy model's pruned block keeps them on disk, not in the plan.
     """
 
     heads: HeadLayout
     kept_neurons: tuple[int, ...]
-    o_weight: Tensor
-    down_weight: Tensor
+    o_weight: Tensor | None
+    down_weight: Tensor | None
+
+    def consumers(self, o: Tensor, down: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+        """The compact o_proj and down_proj weights, from the plan or from the masked `o`, `down`."""
+        return (
+            self.o_weight if self.o_weight is not None else compact_cols(o, self.heads.kept_q, head_dim),
+            self.down_weight if self.down_weight is not None else compact_cols(down, self.kept_neurons, 1),
+        )
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -111,8 +120,9 @@ def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec,
             continue
         with lazy.editing(layer):
             a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-            set_attention(layer, spec, shape, idx, a, plan.heads, plan.o_weight)
-            set_mlp(layer, spec, m, plan.kept_neurons, plan.down_weight)
+            o, down = plan.consumers(a.o.weight.data, m.down.weight.data, shape.head_dim)
+            set_attention(layer, spec, shape, idx, a, plan.heads, o)
+            set_mlp(layer, spec, m, plan.kept_neurons, down)
     return model
 
 
@@ -122,6 +132,7 @@ def mask_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, 
         if plan is None:
             continue
         a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
+        assert plan.o_weight is not None and plan.down_weight is not None, "a plan without its weights"
         a.o.weight.data.copy_(expand_cols(plan.o_weight, plan.heads.kept_q, shape.head_dim, shape.n_q))
         m.down.weight.data.copy_(expand_cols(plan.down_weight, plan.kept_neurons, 1, shape.intermediate))
     return model

@@ -19,7 +19,6 @@ from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept
 from tyr.modeling import LayerPlan
 from tyr.stats import collect_gram, propagate_mlp
 from tyr.stream import BlockInputs, on_device
-from tyr.surgery import compact_cols
 
 __all__ = ["Allocation", "allocate", "prune_uniform"]
 
@@ -119,25 +118,24 @@ def prune_uniform(
                     z_offload="disk" if streamed else None,
                 )
                 sol_f = solved[0]
-                plans.append(
-                    LayerPlan(
-                        heads=heads,
-                        kept_neurons=tuple(sol_f.kept.tolist()),
-                        o_weight=compact_cols(a.o.weight.detach().to("cpu"), heads.kept_q, shape.head_dim),
-                        down_weight=compact_cols(m.down.weight.detach().to("cpu"), sol_f.kept.tolist(), 1),
+                kept = tuple(sol_f.kept.tolist())
+                plan = LayerPlan(heads, kept, None, None)  # a lazy block keeps its weights on disk
+                if not streamed:
+                    plan.o_weight, plan.down_weight = plan.consumers(
+                        a.o.weight.detach().to("cpu"), m.down.weight.detach().to("cpu"), shape.head_dim
                     )
-                )
+                plans.append(plan)
+                eps = (sol_a.eps, sol_f.eps)
+                del sol_a, sol_f, solved  # full-size solver weights: freed before the block is written
             log.debug(
                 "block %d: heads %d/%d, kv %d, neurons %d, eps %.4f / %.4f",
                 b,
                 len(heads.kept_q),
                 shape.n_q,
                 len(heads.kept_kv),
-                len(sol_f.kept),
-                sol_a.eps,
-                sol_f.eps,
+                len(kept),
+                *eps,
             )
-            bar.set_postfix(heads=len(heads.kept_q), neurons=len(sol_f.kept))
+            bar.set_postfix(heads=len(heads.kept_q), neurons=len(kept))
             bar.update()
-            del sol_a, sol_f, solved  # full-size solver weights: not held through the next block
     return plans

@@ -17,6 +17,9 @@ rotary tables load eagerly instead (:func:`load` returns None).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import mmap
@@ -188,6 +191,7 @@ def drop_pages(model: nn.Module) -> None:
     ckpt: Checkpoint | None = getattr(model, _ATTR, None)
     if ckpt is not None:
         ckpt.drop_pages()
+        _trim()
 
 
 def load(
@@ -245,7 +249,25 @@ def load(
             Source(ckpt, f"{spec.layers}.{i}.", spill / "blocks" / f"blk{i:04d}.safetensors", dtype),
         )
     setattr(model, _ATTR, ckpt)
+    _trim()  # the pieces read while converting the embedding
     return model
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _trim() -> None:
+    """Hand the freed heap back to the system. glibc serves allocations below its (adaptive, up
+    to 32 MiB) mmap threshold from the heap, so a block's worth of freed tensors would otherwise
+    stay resident, and every block read would add to the process's memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _materialize(layer: nn.Module, src: Source) -> None:
@@ -272,6 +294,7 @@ def resident(layer: nn.Module) -> Iterator[nn.Module]:
         src.users -= 1
         if src.users == 0:
             layer.to("meta")
+            _trim()
 
 
 @contextlib.contextmanager

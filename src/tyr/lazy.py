@@ -203,6 +203,7 @@ def load(
     ckpt = Checkpoint.find(where)
     if ckpt is None:
         return None
+    _mmap_large_allocations()
     spec = arch.spec_for_config(config)
     with torch.device("meta"):
         make = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto or a class
@@ -254,18 +255,29 @@ def load(
 
 
 @functools.cache
-def _malloc_trim() -> Any:
+def _libc(name: str) -> Any:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):  # not glibc
         return None
+
+
+@functools.cache
+def _mmap_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping, returned on free. glibc
+    otherwise raises that threshold as large blocks are freed (up to 32 MiB) and serves tensors
+    below it from a heap that fragments, so a block-by-block run's peak memory creeps up block
+    after block (measured: +15 % over 10 blocks). Process-wide, set once, by the lazy mode."""
+    mallopt = _libc("mallopt")
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _trim() -> None:
     """Hand the freed heap back to the system. glibc serves allocations below its (adaptive, up
     to 32 MiB) mmap threshold from the heap, so a block's worth of freed tensors would otherwise
     stay resident, and every block read would add to the process's memory."""
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim")
     if trim is not None:
         trim(0)
 

@@ -5,13 +5,13 @@ A lazy model is the stock model built on the meta device, with
   (:func:`resident`, :func:`editing`) and dropped afterwards; a block that was changed is
   written to a spill file first, which becomes its source;
 - the input embedding (and an untied LM head) as a memory map of an fp32 file, so a lookup
-  brings in only the rows of the tokens it sees;
-- the final norm and the rotary tables in memory (small).
+  brings in only the rows of the tokens it sees (:func:`drop_pages` lets them go again);
+- the final norm and the computed buffers (rotary tables, embedding scales) in memory (small).
 
 Streaming code (:mod:`tyr.stream`) works on it unchanged; :func:`save` writes it as a
-safetensors checkpoint tensor by tensor. Families whose checkpoint names differ from their
-modules (Phi-3's fused projections) or whose non-block modules carry computed buffers other than
-rotary tables load eagerly instead (:func:`load` returns None).
+safetensors checkpoint tensor by tensor. Checkpoints whose names differ from the modules
+(Phi-3's fused projections) or whose blocks carry computed buffers load whole instead
+(:func:`load` returns None).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from tyr import arch
 
-__all__ = ["Checkpoint", "load", "is_lazy", "resident", "editing", "save", "sample"]
+__all__ = ["Checkpoint", "load", "is_lazy", "resident", "editing", "drop_pages", "save", "sample"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

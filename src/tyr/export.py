@@ -21,7 +21,7 @@ from torch import nn
 from tyr import arch, lazy, modeling_tyr
 from tyr.errors import UserError
 from tyr.modeling import LayerPlan, plans_metadata
-from tyr.stream import capture, run_blocks
+from tyr.stream import final_hidden
 
 __all__ = [
     "FORMAT",
@@ -164,7 +164,9 @@ def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
             if count(again) != count(model):
                 raise RuntimeError(f"{path}: reloaded {count.__name__} differs from the pruned model's")
         if streamed:
-            what, ref, got = "final hidden states", _final_hidden(model, ids), _final_hidden(again, ids)
+            spec = arch.spec_for(model)
+            what = "final hidden states"
+            ref, got = final_hidden(model, spec, ids).float(), final_hidden(again, spec, ids).float()
         else:
             what, ref, got = "logits", model(ids).logits.float(), again(ids).logits.float()
     finally:
@@ -172,17 +174,6 @@ def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
     if not torch.allclose(ref, got, rtol=0, atol=1e-4 * max(1.0, float(ref.abs().max()))):
         diff = float((ref - got).abs().max())
         raise RuntimeError(f"{path}: reloaded {what} differ from the pruned model's (max |Δ| {diff:.3g})")
-
-
-def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The final norm's output on `ids`, one block at a time."""
-    spec = arch.spec_for(model)
-    inputs = capture(model, spec, [ids])
-    try:
-        run_blocks(model, spec, inputs)
-        return arch.get_module(model, spec.final_norm)(inputs.hidden[0]).float()
-    finally:
-        inputs.close()
 
 
 def write_card(dest: Path, result: dict[str, Any], command: str, base: dict[str, str | None]) -> None:

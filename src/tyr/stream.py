@@ -26,6 +26,7 @@ __all__ = [
     "capture",
     "forward_block",
     "run_blocks",
+    "final_hidden",
     "StopForward",
     "to_device",
     "on_device",
@@ -253,3 +254,15 @@ def run_blocks(
             if on_block is not None:
                 on_block(b)
     return inputs
+
+
+def final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """The final norm's output on one batch of `ids`, the blocks visiting `device` one at a time
+    (the model stays where it is); returned where `ids` are."""
+    inputs = run_blocks(model, spec, capture(model, spec, [ids], device), device)
+    norm = arch.get_module(model, spec.final_norm)
+    try:
+        with on_device(norm, device):
+            return norm(inputs.hidden[0].to(device)).to(ids.device)
+    finally:
+        inputs.close()

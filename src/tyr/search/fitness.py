@@ -21,7 +21,7 @@ from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
-from tyr.stream import capture, on_device, run_blocks
+from tyr.stream import final_hidden
 from tyr.supernet import Candidate, Store
 from tyr.workdir import atomic_json, atomic_write
 
@@ -176,12 +176,7 @@ def _final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, stream_to: str 
     if stream_to is None:
         base = arch.get_module(model, spec.layers.rpartition(".")[0])
         return base(input_ids=ids, use_cache=False).last_hidden_state
-    inputs = run_blocks(model, spec, capture(model, spec, [ids], stream_to), stream_to)
-    norm = arch.get_module(model, spec.final_norm)
-    with on_device(norm, stream_to):
-        out = norm(inputs.hidden[0].to(stream_to)).to(ids.device)
-    inputs.close()
-    return out
+    return final_hidden(model, spec, ids, stream_to)
 
 
 def _gathered_logits(

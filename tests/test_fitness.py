@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 
+import pytest
 import torch
 from conftest import VOCAB, tiny_model
 from test_supernet import _sublayers
@@ -12,7 +13,7 @@ from test_supernet import _sublayers
 from tyr import arch
 from tyr.gqa import layout
 from tyr.modeling import LayerPlan, mask_plans
-from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _gathered_logits, topk_kl
+from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _head_logits, _reference, topk_kl
 from tyr.search.space import KINDS, Gene
 from tyr.stream import capture
 from tyr.supernet import Store, SupernetOptions, build
@@ -34,27 +35,23 @@ def test_topk_kl_matches_a_direct_computation():
     assert topk_kl(teacher, vals, idx)[0] < 1e-6  # the teacher against itself
 
 
-def test_gathered_logits_equal_the_full_head():
+def test_head_logits_equal_the_full_head():
     model = tiny_model("qwen2")  # tied embeddings
     spec = arch.spec_for(model)
     ids = torch.randint(0, VOCAB, (2, 9))
     idx = torch.randint(0, VOCAB, (2, 9, 5))
     with torch.inference_mode():
         full = model(ids).logits.float().gather(-1, idx)
-        assert torch.allclose(_gathered_logits(model, spec, ids, idx, chunk=4), full, atol=1e-5)
+        h = model.model(input_ids=ids).last_hidden_state
+        assert torch.allclose(_head_logits(model, spec, h, idx, chunk=4), full, atol=1e-5)
 
 
-def test_streamed_student_equals_the_resident_one():
-    """A student too large for the device stays in host memory and visits it block by block
-    (here the 'device' is the CPU): the logits are those of the ordinary forward."""
-    model = tiny_model("gemma3")  # sliding and global layers, their own rotary tables
-    spec = arch.spec_for(model)
-    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
-    idx = torch.randint(0, VOCAB, (2, 20, 5), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        resident = _gathered_logits(model, spec, ids, idx)
-        streamed = _gathered_logits(model, spec, ids, idx, stream_to="cpu")
-    assert torch.allclose(streamed, resident, atol=1e-5)
+def test_reference_is_the_parent_of_offspring():
+    parent = (1, 0, -1, 2, 0, 0)
+    kids = [(2, -1, -1, 2, 0, 0), (1, 0, 0, 1, 0, 0), (1, 0, -1, 2, 1, -1)]
+    assert _reference(kids) == parent
+    assert _reference([parent, *kids]) == parent
+    assert _reference([(0, 1), (1, 0)]) == (0, 0)  # ties: the lowest level
 
 
 def test_teacher_cache_fills_lazily_and_persists(tmp_path):
@@ -110,3 +107,51 @@ def test_live_model_equals_the_masked_genome_and_reloads_only_changes(tmp_path):
     again = KLFitness(streamed, calib, TeacherCache(tmp_path / "t", 6, 16, 8), (20, 40), random.Random(0))
     assert again(0, [(0,) * 6]) == dense_kl
     assert all(abs(x - y) < 1e-5 for x, y in zip(again(1, [(0,) * 6, genome]), scores, strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding and global layers
+@pytest.mark.parametrize("stream", [False, True])
+def test_reused_parent_activations_change_no_score(tmp_path, family, stream):
+    """Genomes scored together branch from the reference genome's hidden states at their first
+    own block: each score is the one the genome gets alone (same bits), and the one a plain
+    forward of the sliced model gives."""
+    model = tiny_model(family)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    store = Store(tmp_path, 1, {"t": 1})
+    calib = torch.randint(0, VOCAB, (5, 16), generator=torch.Generator().manual_seed(2))
+    subs = _sublayers(shape)
+    inputs = capture(model, spec, list(calib.split(3)))
+    cands = build(model, spec, shape, inputs, subs, store, SupernetOptions())
+    genes = [Gene(b, k) for b in range(shape.n_layers) for k in KINDS]
+    live = LiveModel(model, spec, shape, genes, cands, store, stream=stream)
+    parent = [0] * len(genes)
+    parent[0], parent[1] = 1, -1
+    parent = tuple(parent)
+    kids = []
+    for i in (len(genes) - 2, 2, 0):  # first own blocks: the last, the second, the first
+        kid = list(parent)
+        kid[i] -= 1
+        kid[i + (2 if i + 2 < len(genes) else -2)] += 1
+        kids.append(tuple(kid))
+    genomes = [parent, *kids]
+    teacher = TeacherCache(tmp_path / "t", 5, 16, 8)
+
+    def fitness() -> KLFitness:
+        return KLFitness(live, calib, teacher, (50,), random.Random(3), batch_size=2)
+
+    together = fitness()(0, genomes)
+    alone = [fitness()(0, [g])[0] for g in genomes]
+    assert together == alone
+    assert len(set(together)) == len(genomes)
+
+    rows, last = fitness().minibatch(50)
+    vals, idx = teacher.get(rows, None)
+    for genome, score in zip(genomes, together, strict=True):
+        sliced = live.apply(genome)
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for r, n in zip(range(len(rows)), [16] * (len(rows) - 1) + [last], strict=True):
+                logits = sliced(calib[rows[r : r + 1], :n]).logits
+                kl, c = topk_kl(logits, vals[r : r + 1, :n], idx[r : r + 1, :n])
+                total, count = total + kl, count + c
+        assert abs(score - total / count) < 1e-5 * max(1.0, score)

@@ -8,6 +8,7 @@ on the host or on disk (ALGORITHM.md §11.1, DESIGN.md §4.3).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -166,6 +167,7 @@ def capture(
     firsts = {0: "only"} if types is None else {types.index(t): t for t in dict.fromkeys(types)}
     stop_at = max(firsts)
     front = [arch.get_module(model, spec.embed), arch.get_module(model, spec.rotary)]
+    homes = [_home(m) for m in front]
     for m in front:
         m.to(device)
     held = contextlib.ExitStack()
@@ -207,9 +209,9 @@ def capture(
         for handle in handles:
             handle.remove()
         held.close()
-        if str(device) != "cpu":
-            for m in front:
-                m.to("cpu")
+        for m, home in zip(front, homes, strict=True):
+            if home is not None:
+                m.to(home)
         lazy.drop_pages(model)  # the embedding rows the lookups brought in
     if types is None:
         return BlockInputs(store, all_kwargs)
@@ -222,19 +224,27 @@ def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> T
     return out[0] if isinstance(out, tuple) else out
 
 
+def _home(module: nn.Module) -> torch.device | None:
+    """Where a module's tensors are (None when it has none)."""
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if t is None else t.device
+
+
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """Hold one block on the compute device for the duration of the block's work (a block of
-    a lazy model is read from disk first and dropped afterwards, see :mod:`tyr.lazy`)."""
+    """Hold one block on the compute device for the duration of the block's work, then put it
+    back where it was (a block of a lazy model is read from disk first and dropped afterwards,
+    see :mod:`tyr.lazy`)."""
     with lazy.resident(module):
-        if str(device) == "cpu":
+        home = _home(module)
+        if home is None or home == torch.device(device):
             yield module
             return
         module.to(device)
         try:
             yield module
         finally:
-            module.to("cpu")
+            module.to(home)
 
 
 def run_blocks(

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
-from tyr.stream import final_hidden
+from tyr.stream import capture, forward_block, on_device, to_device
 from tyr.supernet import Candidate, Store
 from tyr.workdir import atomic_json, atomic_write
 
@@ -170,27 +171,12 @@ def _too_big(model: nn.Module, device: str) -> bool:
     return size > 0.8 * free
 
 
-def _final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, stream_to: str | None = None) -> Tensor:
-    """Final hidden states (after the final norm); with `stream_to`, the model stays where it is
-    and its blocks visit that device one at a time."""
-    if stream_to is None:
-        base = arch.get_module(model, spec.layers.rpartition(".")[0])
-        return base(input_ids=ids, use_cache=False).last_hidden_state
-    return final_hidden(model, spec, ids, stream_to)
-
-
-def _gathered_logits(
-    model: nn.Module,
-    spec: ArchSpec,
-    ids: Tensor,
-    t_idx: Tensor,
-    chunk: int = 16,
-    stream_to: str | None = None,
-) -> Tensor:
-    """Student logits at the teacher's top-k indices, [B, T, k] fp32: only those k rows of the
-    LM head are multiplied (k·d instead of V·d per position), in position chunks (§7.5)."""
+def _head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chunk: int = 16) -> Tensor:
+    """Logits of final hidden states `h` [B, T, d] at the teacher's top-k indices, [B, T, k]
+    fp32: only those k rows of the LM head are multiplied (k·d instead of V·d per position), in
+    position chunks (§7.5)."""
     head = arch.get_module(model, spec.lm_head)
-    h = _final_hidden(model, spec, ids.to(head.weight.device), stream_to).float()
+    h = h.to(head.weight.device).float()
     W = head.weight.float()  # [V, d]
     idx = t_idx.to(h.device).long()
     parts = []
@@ -203,6 +189,54 @@ def _gathered_logits(
     z = torch.cat(parts, dim=1)
     cap = arch.logit_softcap(model)
     return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def _reference(genomes: Sequence[Genome]) -> Genome:
+    """Each gene's most frequent level among `genomes` (ties: the lowest). For the offspring of
+    one parent that is the parent, whatever the genomes of the call."""
+    counts = (Counter(levels) for levels in zip(*genomes, strict=True))
+    return tuple(min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for c in counts)
+
+
+class _Prefix:
+    """One token batch's hidden states under the reference genome at block `depth`, advanced
+    block by block and branched from by each candidate (parent-activation reuse, §7.8)."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, ids: Tensor, device: str, stream: bool) -> None:
+        self.spec, self.device, self.stream = spec, device, stream
+        inputs = capture(model, spec, [ids], device)
+        try:
+            self.hidden, self.depth = inputs.hidden[0].to(device), 0
+            # Each block's kwargs (one per attention type), on the device once per batch.
+            moved: dict[int, dict[str, Any]] = {}
+            self._kwargs = []
+            for layer in arch.layers(model, spec):
+                kw = inputs.kwargs_for(layer, 0)
+                if id(kw) not in moved:
+                    moved[id(kw)] = to_device(kw, device)
+                self._kwargs.append(moved[id(kw)])
+        finally:
+            inputs.close()
+
+    def run(self, model: nn.Module, hidden: Tensor, blocks: range) -> Tensor:
+        layers = arch.layers(model, self.spec)
+        for b in blocks:
+            if self.stream:
+                with on_device(layers[b], self.device):
+                    hidden = forward_block(layers[b], hidden, self._kwargs[b])
+            else:
+                hidden = forward_block(layers[b], hidden, self._kwargs[b])
+        return hidden
+
+    def final(self, model: nn.Module, branch: int) -> Tensor:
+        """The final norm's output of `model`, whose blocks before `branch` (≥ depth) are the
+        reference's: the reference advances to `branch`, the rest runs on a branch of it."""
+        self.hidden = self.run(model, self.hidden, range(self.depth, branch))
+        self.depth = branch
+        hidden = self.run(model, self.hidden, range(branch, len(arch.layers(model, self.spec))))
+        norm = arch.get_module(model, self.spec.final_norm)
+        with on_device(norm, self.device):
+            return norm(hidden)
 
 
 class KLFitness:
@@ -238,25 +272,45 @@ class KLFitness:
     def __call__(self, stage: int, genomes: Sequence[Genome]) -> list[float]:
         rows, last = self.minibatch(self.stage_tokens[stage])
         vals, idx = self.teacher.get(rows, self._teacher_logits)
+        # Token batches with their teacher top-k; the truncated last sequence is a batch of its own.
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        for s in range(0, len(rows), self.batch_size):
+            ids = self.calib[rows[s : s + self.batch_size]]
+            v, i = vals[s : s + self.batch_size], idx[s : s + self.batch_size]
+            if s + self.batch_size >= len(rows):
+                parts += [(ids[:-1], v[:-1], i[:-1]), (ids[-1:, :last], v[-1:, :last], i[-1:, :last])]
+            else:
+                parts.append((ids, v, i))
+        parts = [p for p in parts if p[0].shape[0]]
+        mine = dist.mine(len(genomes))  # genomes scored on different ranks
+        scores = self._score(parts, [genomes[g] for g in mine])
+        self.tokens_evaluated += len(mine) * ((len(rows) - 1) * self.calib.shape[1] + last)
+        return dist.gather(dict(zip(mine, scores, strict=True)), len(genomes))
 
-        spec, to = self.live.spec, (self.live.device if self.live.stream else None)
-
-        def score(genome: Genome) -> float:
-            model = self.live.apply(genome)
+    def _score(self, parts: list[tuple[Tensor, Tensor, Tensor]], genomes: list[Genome]) -> list[float]:
+        """Mean top-k KL of each genome. The genomes run in the order of their first block that
+        differs from the reference genome, so each batch's reference hidden states only move
+        forward and every genome starts from them at its first own block: a genome's blocks
+        before it are the reference's."""
+        if not genomes:
+            return []
+        live = self.live
+        ref = _reference(genomes)
+        n_blocks = len(arch.layers(live.model, live.spec))
+        branch = [
+            min((g.block for g, a, b in zip(live.genes, ref, x, strict=True) if a != b), default=n_blocks)
+            for x in genomes
+        ]
+        prefixes: list[_Prefix] = []
+        scores = [0.0] * len(genomes)
+        for k in sorted(range(len(genomes)), key=lambda k: (branch[k], k)):
+            model = live.apply(genomes[k])
+            if not prefixes:  # the embedding stage, once per batch
+                prefixes = [_Prefix(model, live.spec, ids, live.device, live.stream) for ids, _, _ in parts]
             total, count = 0.0, 0
-            for s in range(0, len(rows), self.batch_size):
-                ids = self.calib[rows[s : s + self.batch_size]]
-                v, i = vals[s : s + self.batch_size], idx[s : s + self.batch_size]
-                if s + self.batch_size >= len(rows):  # the batch holding the truncated last sequence
-                    full, tail = ids[:-1], ids[-1:, :last]
-                    for part, pv, pi in ((full, v[:-1], i[:-1]), (tail, v[-1:, :last], i[-1:, :last])):
-                        if part.shape[0]:
-                            kl, n = topk_kl(_gathered_logits(model, spec, part, pi, stream_to=to), pv, pi)
-                            total, count = total + kl, count + n
-                else:
-                    kl, n = topk_kl(_gathered_logits(model, spec, ids, i, stream_to=to), v, i)
-                    total, count = total + kl, count + n
-            self.tokens_evaluated += (len(rows) - 1) * self.calib.shape[1] + last
-            return total / max(count, 1)
-
-        return dist.map_ordered(score, list(genomes))  # genomes scored on different ranks
+            for prefix, (_, v, i) in zip(prefixes, parts, strict=True):
+                h = prefix.final(model, branch[k])
+                kl, n = topk_kl(_head_logits(model, live.spec, h, i), v, i)
+                total, count = total + kl, count + n
+            scores[k] = total / max(count, 1)
+        return scores

@@ -208,10 +208,11 @@ def search_throughput(result: dict[str, Any], model: torch.nn.Module) -> dict[st
 
 # Runs `tyr prune` and reports the peak RSS of its own process.
 _PRUNE = r"""
-import resource, sys
+import sys
 from tyr.cli import main
+from tyr.speed import peak_rss_bytes
 code = main(sys.argv[1:])
-print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+print("PEAK_RSS", peak_rss_bytes(), file=sys.stderr)
 sys.exit(code)
 """
 

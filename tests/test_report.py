@@ -224,9 +224,16 @@ def test_measure_tiny_model():
 
 
 def test_measure_in_subprocess(pruned_run):
-    m = measure_in_subprocess(pruned_run[0], timeout=300, **SMALL)
+    # 3 GB resident here: the child's peak is its own (ru_maxrss would carry this process's
+    # peak across exec).
+    ballast = torch.ones(3 << 30, dtype=torch.uint8)
+    try:
+        m = measure_in_subprocess(pruned_run[0], timeout=300, **SMALL)
+    finally:
+        del ballast
     assert set(m) >= KEYS and m["new_tokens"] == 4
     assert all(m[k] > 0 for k in KEYS)
+    assert m["peak_rss_bytes"] < 2 << 30
     with pytest.raises(RuntimeError, match="failed"):
         measure_in_subprocess(pruned_run[0] / "missing", timeout=300, **SMALL)
 

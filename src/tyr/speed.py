@@ -2,9 +2,9 @@
 
 Pure measurement, no file IO. :func:`measure` times a model already in memory;
 :func:`measure_in_subprocess` loads a directory in a fresh interpreter and measures it there, so
-that the peak memory it reports belongs to that model alone (``ru_maxrss`` is the peak of the
-whole process, and it never goes down: a dense model measured before a pruned one in the same
-process would be charged to both).
+that the peak memory it reports belongs to that model alone (the peak RSS of a process never
+goes down: a dense model measured before a pruned one in the same process would be charged to
+both).
 
 - prefill: one forward over a batch-1 prompt with ``logits_to_keep=1`` (the first forward that
   ``generate`` runs: every position goes through the blocks, only the last one through the LM head),
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["measure", "measure_in_subprocess", "cost_per_million", "peak_memory_bytes"]
+__all__ = ["measure", "measure_in_subprocess", "cost_per_million", "peak_memory_bytes", "peak_rss_bytes"]
 
 MARKER = "TYR_SPEED_JSON "  # prefixes the result line that the child process prints
 
@@ -61,16 +61,30 @@ def _best_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> 
     return best, out
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far (bytes): allocated CUDA memory on a GPU, else the process's peak RSS.
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (bytes) since it started its program.
 
-    ``ru_maxrss`` is in kB on Linux and in bytes on macOS; it is the peak of the whole process
-    (interpreter, torch, weights, activations) since it started.
+    On Linux that is ``VmHWM``: ``ru_maxrss`` also keeps the peak of the process image that
+    ``exec`` replaced, so a child started by a large parent would report the parent's memory.
+    Elsewhere ``ru_maxrss`` (bytes on macOS, kB on other systems).
     """
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far (bytes): allocated CUDA memory on a GPU, else the process's peak RSS
+    (interpreter, torch, weights, activations) since it started."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
 
 
 def _vocab_size(model: nn.Module) -> int:

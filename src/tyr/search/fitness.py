@@ -1,6 +1,8 @@
 """Fitness of a genome: KL(teacher ‖ student) over the dense teacher's top-k logits (ALGORITHM.md
-§7.5, §7.6), evaluated on a physically sliced model that reloads only the changed sub-layers
-(§7.8 levers 1, 2, 4)."""
+§7.5, §7.6), evaluated on a physically sliced model that reloads only the changed sub-layers and
+starts each genome from the parent's hidden states at its first changed block (§7.8 levers 1–4;
+the parent's state is kept at one block per batch and advanced as the genomes go, not at every
+block)."""
 
 from __future__ import annotations
 

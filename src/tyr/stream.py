@@ -28,6 +28,7 @@ __all__ = [
     "forward_block",
     "run_blocks",
     "final_hidden",
+    "Prefix",
     "StopForward",
     "to_device",
     "on_device",
@@ -236,8 +237,8 @@ def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Modu
     back where it was (a block of a lazy model is read from disk first and dropped afterwards,
     see :mod:`tyr.lazy`)."""
     with lazy.resident(module):
-        home = _home(module)
-        if home is None or home == torch.device(device):
+        home, dev = _home(module), torch.device(device)
+        if home is None or (home.type == dev.type and dev.index in (None, home.index)):
             yield module
             return
         module.to(device)
@@ -266,13 +267,50 @@ def run_blocks(
     return inputs
 
 
+class Prefix:
+    """One token batch's hidden states at block `depth`, its blocks visiting `device` one at a
+    time: :meth:`final` moves them forward to a block and runs the rest of the model from there
+    on a branch, so that models sharing their first blocks share that work (the search's
+    parent-activation reuse, ALGORITHM.md §7.8)."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str) -> None:
+        self.spec, self.device = spec, device
+        inputs = capture(model, spec, [ids], device)
+        try:
+            self.hidden, self.depth = inputs.hidden[0].to(device), 0
+            # Each block's kwargs (one per attention type), on the device once.
+            moved: dict[int, dict[str, Any]] = {}
+            self._kwargs = []
+            for layer in arch.layers(model, spec):
+                kw = inputs.kwargs_for(layer, 0)
+                if id(kw) not in moved:
+                    moved[id(kw)] = to_device(kw, device)
+                self._kwargs.append(moved[id(kw)])
+        finally:
+            inputs.close()
+
+    def _run(self, model: nn.Module, hidden: Tensor, blocks: range) -> Tensor:
+        layers = arch.layers(model, self.spec)
+        for b in blocks:
+            with on_device(layers[b], self.device):
+                hidden = forward_block(layers[b], hidden, self._kwargs[b])
+        return hidden
+
+    def final(self, model: nn.Module, branch: int | None = None) -> Tensor:
+        """The final norm's output of `model`, on the device. Blocks before `branch` (≥ depth;
+        default: all of them) must be those that computed the kept states: the states advance
+        to `branch`, and the rest of the blocks run on a branch of them."""
+        n_blocks = len(arch.layers(model, self.spec))
+        branch = n_blocks if branch is None else branch
+        self.hidden = self._run(model, self.hidden, range(self.depth, branch))
+        self.depth = branch
+        hidden = self._run(model, self.hidden, range(branch, n_blocks))
+        norm = arch.get_module(model, self.spec.final_norm)
+        with on_device(norm, self.device):
+            return norm(hidden)
+
+
 def final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str = "cpu") -> Tensor:
     """The final norm's output on one batch of `ids`, the blocks visiting `device` one at a time
     (the model stays where it is); returned where `ids` are."""
-    inputs = run_blocks(model, spec, capture(model, spec, [ids], device), device)
-    norm = arch.get_module(model, spec.final_norm)
-    try:
-        with on_device(norm, device):
-            return norm(inputs.hidden[0].to(device)).to(ids.device)
-    finally:
-        inputs.close()
+    return Prefix(model, spec, ids, device).final(model).to(ids.device)

@@ -24,7 +24,7 @@ from tyr import arch, dist
 from tyr.arch import ArchSpec, Shape
 from tyr.gqa import layout
 from tyr.search.space import Gene, Genome
-from tyr.stream import capture, forward_block, on_device, to_device
+from tyr.stream import Prefix
 from tyr.supernet import Candidate, Store
 from tyr.workdir import atomic_json, atomic_write
 
@@ -200,47 +200,6 @@ def _reference(genomes: Sequence[Genome]) -> Genome:
     return tuple(min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for c in counts)
 
 
-class _Prefix:
-    """One token batch's hidden states under the reference genome at block `depth`, advanced
-    block by block and branched from by each candidate (parent-activation reuse, §7.8)."""
-
-    def __init__(self, model: nn.Module, spec: ArchSpec, ids: Tensor, device: str, stream: bool) -> None:
-        self.spec, self.device, self.stream = spec, device, stream
-        inputs = capture(model, spec, [ids], device)
-        try:
-            self.hidden, self.depth = inputs.hidden[0].to(device), 0
-            # Each block's kwargs (one per attention type), on the device once per batch.
-            moved: dict[int, dict[str, Any]] = {}
-            self._kwargs = []
-            for layer in arch.layers(model, spec):
-                kw = inputs.kwargs_for(layer, 0)
-                if id(kw) not in moved:
-                    moved[id(kw)] = to_device(kw, device)
-                self._kwargs.append(moved[id(kw)])
-        finally:
-            inputs.close()
-
-    def run(self, model: nn.Module, hidden: Tensor, blocks: range) -> Tensor:
-        layers = arch.layers(model, self.spec)
-        for b in blocks:
-            if self.stream:
-                with on_device(layers[b], self.device):
-                    hidden = forward_block(layers[b], hidden, self._kwargs[b])
-            else:
-                hidden = forward_block(layers[b], hidden, self._kwargs[b])
-        return hidden
-
-    def final(self, model: nn.Module, branch: int) -> Tensor:
-        """The final norm's output of `model`, whose blocks before `branch` (≥ depth) are the
-        reference's: the reference advances to `branch`, the rest runs on a branch of it."""
-        self.hidden = self.run(model, self.hidden, range(self.depth, branch))
-        self.depth = branch
-        hidden = self.run(model, self.hidden, range(branch, len(arch.layers(model, self.spec))))
-        norm = arch.get_module(model, self.spec.final_norm)
-        with on_device(norm, self.device):
-            return norm(hidden)
-
-
 class KLFitness:
     """fitness(stage, genomes): each call draws a fresh minibatch of distinct calibration
     sequences, shared by all genomes of the call, and returns the token-weighted mean top-k KL."""
@@ -303,12 +262,12 @@ class KLFitness:
             min((g.block for g, a, b in zip(live.genes, ref, x, strict=True) if a != b), default=n_blocks)
             for x in genomes
         ]
-        prefixes: list[_Prefix] = []
+        prefixes: list[Prefix] = []
         scores = [0.0] * len(genomes)
         for k in sorted(range(len(genomes)), key=lambda k: (branch[k], k)):
             model = live.apply(genomes[k])
             if not prefixes:  # the embedding stage, once per batch
-                prefixes = [_Prefix(model, live.spec, ids, live.device, live.stream) for ids, _, _ in parts]
+                prefixes = [Prefix(model, live.spec, ids, live.device) for ids, _, _ in parts]
             total, count = 0.0, 0
             for prefix, (_, v, i) in zip(prefixes, parts, strict=True):
                 h = prefix.final(model, branch[k])

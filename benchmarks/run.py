@@ -36,9 +36,9 @@ import torch
 import tyr
 from tyr import arch
 from tyr.export import save_pruned
-from tyr.models import DEFAULT_MODEL, resolve
-from tyr.plan import dims_of, forward_flops
-from tyr.speed import measure_in_subprocess
+from tyr.loader import DEFAULT_MODEL, resolve
+from tyr.report import measure_in_subprocess
+from tyr.report.plan import dims_of, forward_flops
 
 KEYS = (
     "search_throughput_ratio", "search_throughput_ideal", "supernet_disk_ratio",
@@ -210,7 +210,7 @@ def search_throughput(result: dict[str, Any], model: torch.nn.Module) -> dict[st
 _PRUNE = r"""
 import sys
 from tyr.cli import main
-from tyr.speed import peak_rss_bytes
+from tyr.report import peak_rss_bytes
 code = main(sys.argv[1:])
 print("PEAK_RSS", peak_rss_bytes(), file=sys.stderr)
 sys.exit(code)

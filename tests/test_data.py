@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import tiny_text, tiny_tokenizer
 
-from tyr import assets, data
+from tyr.data import text as data
 from tyr.errors import UserError
+from tyr.infra import assets
 
 
 def test_token_batches_first_and_seeded():

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tyr import dist
+from tyr.infra import dist
 
 SEARCH = [
     "--iterations", "2", "--generations", "3", "--offspring", "6", "--stage-tokens", "64,256",

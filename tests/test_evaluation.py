@@ -9,9 +9,9 @@ import torch
 from conftest import FAMILIES, pruned_pair, tiny_model, tiny_tokenizer
 
 import tyr
-from tyr import tasks
 from tyr.cli import main
-from tyr.evaluation import _split, evaluate, score_doc
+from tyr.data import tasks
+from tyr.eval.zeroshot import _split, evaluate, score_doc
 from tyr.export import save_pruned
 
 
@@ -145,7 +145,7 @@ metric_list:
 def test_lm_eval_adapter_agrees_with_our_scoring(tmp_path, monkeypatch):
     """lm-evaluation-harness on an in-memory pruned model with a local task (no network), and
     our scorer gives the same per-option log-likelihoods and accuracies on the same questions."""
-    from tyr.evaluation import lm_eval_harness
+    from tyr.eval import lm_eval_harness
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -168,7 +168,7 @@ def test_lm_eval_adapter_agrees_with_our_scoring(tmp_path, monkeypatch):
     out = lm_eval_harness(sliced, tok, ["tiny_arc"], include_path=tasks_dir)
     res = out["results"]["tiny_arc"]
 
-    from tyr.tasks import _arc
+    from tyr.data.tasks import _arc
 
     ours = [score_doc(sliced, tok, _arc(r)) for r in rows]
     theirs = {s["doc_id"]: [float(x[0]) for x in s["filtered_resps"]] for s in out["samples"]["tiny_arc"]}

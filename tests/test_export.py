@@ -11,9 +11,10 @@ import torch
 from conftest import FAMILIES, calib_ids, load_without_tyr, pruned_pair
 
 import tyr
-from tyr import arch, modeling_tyr
+from tyr import arch
 from tyr.cli import main
 from tyr.export import MODELING, modeling_sha256, save_pruned
+from tyr.modeling import modeling_tyr
 
 FAST = ["--calib-tokens", "512", "--seq-len", "32", "--eval-tokens", "256"]
 

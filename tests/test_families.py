@@ -10,8 +10,8 @@ from conftest import FAMILIES, calib_ids, load_without_tyr, tiny_config, tiny_mo
 from tyr import arch
 from tyr.errors import UserError
 from tyr.export import save_pruned
+from tyr.methods import SearchOptions, search_prune
 from tyr.modeling import apply_plans
-from tyr.search.driver import SearchOptions, search_prune
 from tyr.stream import capture, run_blocks
 
 # At least 8 query heads and 4 blocks, so that 50 % is reachable within ±0.01 in real parameters.
@@ -55,7 +55,7 @@ def test_every_family_searches_exports_and_reloads_without_tyr(tmp_path):
 def test_streaming_feeds_each_block_its_attention_type(family):
     """Sliding-window and global blocks get their own masks (and, in Gemma 3, rotary tables):
     block-by-block propagation equals the model's own forward, logits soft-capped as it does."""
-    from tyr.perplexity import perplexity
+    from tyr.eval import perplexity
 
     model = _qwen2_sliding() if family == "qwen2" else tiny_model(family)
     spec = arch.spec_for(model)

@@ -11,10 +11,9 @@ from conftest import VOCAB, tiny_model
 from test_supernet import _sublayers
 
 from tyr import arch
-from tyr.gqa import layout
+from tyr.budget import KINDS, Gene, layout
 from tyr.modeling import LayerPlan, mask_plans
 from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _head_logits, _reference, topk_kl
-from tyr.search.space import KINDS, Gene
 from tyr.stream import capture
 from tyr.supernet import Store, SupernetOptions, build
 

@@ -7,9 +7,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from tyr.arch import Shape
-from tyr.gqa import attn_removed, layout, prune_attention, round_half_up, spread, uniform_structures
-from tyr.local import make_problem
+from tyr.budget import Shape, attn_removed, layout, round_half_up, spread
+from tyr.local import make_problem, prune_attention, uniform_structures
 
 
 def shape(n_q=9, n_kv=3, d=576, dh=64, q_bias=False, kv_bias=False) -> Shape:

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 import tyr
 import tyr.api
-from tyr import arch, lazy
-from tyr.models import fingerprint
-from tyr.perplexity import perplexity
+from tyr import arch
+from tyr.eval import perplexity
+from tyr.loader import fingerprint
+from tyr.stream import lazy
 
 
 def _checkpoint(tmp_path, family="llama", dtype=torch.bfloat16):

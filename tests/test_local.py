@@ -34,7 +34,7 @@ def problem_data(d_in: int = 24, d_out: int = 7, n: int = 200, seed: int = 0, de
 
 
 def objective(X, W, W_hat, lam):
-    """½‖XŴ − XW‖² + ½λ‖Ŵ − W‖² (ALGORITHM.md §4.1)."""
+    """½‖XŴ − XW‖² + ½λ‖Ŵ − W‖² (docs/algorithm.md §4.1)."""
     return 0.5 * ((X @ (W_hat - W)) ** 2).sum() + 0.5 * lam * ((W_hat - W) ** 2).sum()
 
 

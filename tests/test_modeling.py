@@ -9,10 +9,19 @@ import torch
 from conftest import FAMILIES, calib_ids, pruned_pair, tiny_model
 
 from tyr import arch
+from tyr.budget import layout
 from tyr.export import load, save_pruned
-from tyr.gqa import layout
-from tyr.modeling import LayerPlan, apply_plans, mask_plans
-from tyr.surgery import compact_cols, expand_cols, slice_qkv, take_cols, take_rows, unit_index
+from tyr.modeling import (
+    LayerPlan,
+    apply_plans,
+    compact_cols,
+    expand_cols,
+    mask_plans,
+    slice_qkv,
+    take_cols,
+    take_rows,
+    unit_index,
+)
 
 
 def test_unit_index_and_paired_slices():

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import calib_ids, tiny_config, tiny_model
 
-from tyr import plan
 from tyr.config import PRESETS
 from tyr.errors import UserError
+from tyr.report import plan
 
 
 def _saved(tmp_path: Path, config, name: str = "m") -> Path:
@@ -141,11 +141,11 @@ def test_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_default_model_is_the_embedded_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tyr.models
+    import tyr.loader
 
-    monkeypatch.setattr(tyr.models, "open_model", lambda name: SimpleNamespace(config=tiny_config("llama")))
+    monkeypatch.setattr(tyr.loader, "open_model", lambda name: SimpleNamespace(config=tiny_config("llama")))
     est = plan.estimate(None, 0.5)
-    assert est["model"] == tyr.models.DEFAULT_MODEL and est["family"] == "llama"
+    assert est["model"] == tyr.loader.DEFAULT_MODEL and est["family"] == "llama"
 
 
 def test_format_plan_mentions_each_quantity(tmp_path: Path) -> None:
@@ -194,3 +194,35 @@ def test_runtime_calibration_reproduces_reference(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # twice the cores: half the time
     faster = plan.estimate(d, 0.5, preset="quick")
     assert faster["runtime_s"]["total"] == pytest.approx(est["runtime_s"]["total"] / 2, rel=0.01)
+
+
+class _Built(Exception):
+    """Stops the search once the supernet build was handed its sub-layers."""
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.37])
+def test_plan_candidate_units_equal_the_supernets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sparsity):
+    """`tyr plan` sizes the supernet from the same units the search asks the build for
+    (GQA 9 q / 3 KV heads, an odd d_ff, 5 blocks)."""
+    import tyr.methods.tyr as driver
+    from tyr import arch, budget
+    from tyr.methods import SearchOptions, search_prune
+
+    model = tiny_model("llama", layers=5, n_q=9, n_kv=3, hidden=36, head_dim=8, intermediate=53)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    seen: dict = {}
+
+    def spy(model, spec, shape, inputs, subs, *args, **kwargs):
+        seen.update(subs)
+        raise _Built
+
+    monkeypatch.setattr(driver, "build", spy)
+    opt = SearchOptions(
+        iterations=1, generations=1, offspring=2, stage_tokens=(24,), survivors=(1,), levels=9
+    )
+    with pytest.raises(_Built):
+        search_prune(model, spec, shape, sparsity, calib_ids(n=2), opt, tmp_path, {"t": 1})
+    order = sorted(seen, key=lambda g: (budget.KINDS.index(g.kind), g.block))
+    from_search = [(g.kind, [seen[g].units(k) for k in seen[g].levels]) for g in order]
+    assert len(from_search) == 2 * shape.n_layers
+    assert plan.candidate_units(shape, sparsity, 1, 9) == from_search

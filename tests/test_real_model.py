@@ -10,7 +10,7 @@ import torch
 
 import tyr
 from tyr import arch
-from tyr.models import load_model
+from tyr.loader import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,14 @@ from conftest import VOCAB, pruned_pair, tiny_model
 from tyr import arch
 from tyr.export import save_pruned
 from tyr.modeling import plans_metadata
-from tyr.report import PLOTS, above_chance_retention, build_report
-from tyr.speed import cost_per_million, measure, measure_in_subprocess
+from tyr.report import (
+    PLOTS,
+    above_chance_retention,
+    build_report,
+    cost_per_million,
+    measure,
+    measure_in_subprocess,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEYS = {"prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "peak_rss_bytes", "threads"}
@@ -189,7 +195,7 @@ def test_report_measures_each_model(pruned_run, tmp_path, monkeypatch):
         calls.append(str(path))
         return _speed(1000.0, 50.0, 900.0) if str(path) == str(dense) else _speed(1200.0, 60.0, 700.0)
 
-    monkeypatch.setattr("tyr.report.measure_in_subprocess", fake)
+    monkeypatch.setattr("tyr.report.document.measure_in_subprocess", fake)
     md = build_report(out, dense_dir=str(dense)).read_text()
     assert sorted(calls) == sorted([str(out), str(dense)])
     assert "| prefill tokens/s | 1,000.0 | 1,200.0 | 1.20× speedup |" in md

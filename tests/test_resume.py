@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tyr.cli import main
-from tyr.workdir import locked
+from tyr.infra import locked
 
 SEARCH = [
     "--iterations", "2", "--generations", "3", "--offspring", "6",
@@ -103,11 +103,11 @@ def test_resuming_with_other_options_names_them(tiny_dir, calib_txt, tmp_path, c
 
 
 def test_a_full_disk_fails_cleanly_and_the_rerun_resumes(tiny_dir, calib_txt, tmp_path, capsys, monkeypatch):
-    import tyr.supernet
+    import tyr.supernet.builder
 
     ref = tmp_path / "ref"
     assert main(_argv(tiny_dir, calib_txt, ref, tmp_path / "w-ref")) == 0
-    real, calls = tyr.supernet.atomic_write, []
+    real, calls = tyr.supernet.builder.atomic_write, []
 
     def filling(path: Path, data: bytes) -> None:
         calls.append(path)
@@ -115,7 +115,7 @@ def test_a_full_disk_fails_cleanly_and_the_rerun_resumes(tiny_dir, calib_txt, tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(tyr.supernet, "atomic_write", filling)
+    monkeypatch.setattr(tyr.supernet.builder, "atomic_write", filling)
     out, work = tmp_path / "out", tmp_path / "w"
     capsys.readouterr()
     assert main(_argv(tiny_dir, calib_txt, out, work)) == 2
@@ -124,7 +124,7 @@ def test_a_full_disk_fails_cleanly_and_the_rerun_resumes(tiny_dir, calib_txt, tm
     assert err.count("tyr: error:") == 1 and last.startswith("tyr: error: No space left on device writing")
     assert "rerun the same command" in last and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
-    monkeypatch.setattr(tyr.supernet, "atomic_write", real)
+    monkeypatch.setattr(tyr.supernet.builder, "atomic_write", real)
     assert main(_argv(tiny_dir, calib_txt, out, work)) == 0
     assert _outcome(out) == _outcome(ref)
 

@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from tyr.search.evolution import evolve, mutate, offspring
-from tyr.search.space import Gene, Space, ffn_step_floor, level_range, step_units
+from tyr.budget import Gene, ffn_step_floor, level_range, step_units
+from tyr.search import Space, evolve, mutate, offspring
 
 
 def toy_space(blocks: int = 6, half: int = 4, guard=None) -> Space:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-import tyr.supernet as sn
+import tyr.supernet.builder as sn
 from tyr import arch
-from tyr.search.space import Gene, level_range
+from tyr.budget import Gene, SubLayer, level_range
+from tyr.modeling import expand_cols
 from tyr.stream import capture
-from tyr.surgery import expand_cols
 
 
 class Crash(Exception):
@@ -32,7 +32,7 @@ def _sublayers(shape, centre_attn=3, centre_mlp=18, step_attn=1, step_mlp=5):
             ("mlp", shape.intermediate, centre_mlp, step_mlp),
         ):
             lo, hi = level_range(c, u, n)
-            subs[Gene(b, kind)] = sn.SubLayer(Gene(b, kind), n, c, u, lo, hi)
+            subs[Gene(b, kind)] = SubLayer(Gene(b, kind), n, c, u, lo, hi)
     return subs
 
 

@@ -10,11 +10,11 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from tyr import arch
-from tyr.gqa import attn_removed
+from tyr.budget import allocate, attn_removed
+from tyr.eval import perplexity
+from tyr.methods import SolverOptions, prune_uniform
 from tyr.modeling import apply_plans
-from tyr.perplexity import perplexity
 from tyr.stream import capture, run_blocks
-from tyr.uniform import SolverOptions, allocate, prune_uniform
 
 
 def _calib(n=8, T=20, seed=0):

@@ -15,25 +15,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyr import __version__, arch, assets, dist
-from tyr.config import DATA_KEYS, PruneConfig, check_keys, int_list, resolve_preset
+from tyr import __version__, arch, record
+from tyr.budget import Shape
+from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
+from tyr.eval import perplexity
 from tyr.export import modeling_sha256, save_pruned, verify_export, write_card
+from tyr.infra import assets, atomic_json, check_options, dist, fsync_tree, locked, pid_alive
+from tyr.loader import Opened, fingerprint, load_lazy, load_weights, open_model
+from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
-from tyr.models import fingerprint, load_lazy, load_weights, open_model
-from tyr.perplexity import perplexity
-from tyr.search.driver import SearchOptions, search_prune
 from tyr.stream import capture
 from tyr.supernet import SupernetOptions
-from tyr.uniform import SolverOptions, prune_uniform
-from tyr.workdir import atomic_json, check_options, fsync_tree, locked, pid_alive
 
 __all__ = ["Result", "prune"]
 
 log = logging.getLogger("tyr")
-RESULT = "result.json"
-SCHEMA = "tyr.result/1"
 
 
 @dataclass
@@ -70,14 +68,9 @@ def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {cfg.out} is a file", "give a directory path")
     if out.is_dir() and any(out.iterdir()):
-        done = out / RESULT
-        if done.is_file() and not cfg.overwrite:
-            try:
-                data = json.loads(done.read_text())
-            except ValueError:
-                data = {}  # unreadable: not a finished result of anything
-            if isinstance(data, dict) and data.get("config_identity") == cfg.identity():
-                return out, out, Result(out, data)
+        done = None if cfg.overwrite else record.read_if_finished(out, cfg.identity())
+        if done is not None:
+            return out, out, Result(out, dict(done))
         if not cfg.overwrite:
             raise UserError(
                 f"--out {cfg.out} is not empty and does not hold this configuration's result",
@@ -125,25 +118,6 @@ def _dense_ppl_cached(key_parts: dict[str, Any], compute) -> float:
     return value
 
 
-def _layer_rows(meta: list[dict], shape: arch.Shape) -> list[dict[str, Any]]:
-    dense_a, dense_f = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
-    rows = []
-    for i, m in enumerate(meta):
-        kept_a = shape.attn_params(len(m["kept_q"]), len(m["kept_kv"]))
-        rows.append(
-            {
-                "index": i,
-                "q_heads": len(m["kept_q"]),
-                "kv_heads": len(m["kept_kv"]),
-                "q_to_kv": m["q_to_kv"],
-                "intermediate": m["intermediate"],
-                "attn_sparsity": round(1 - kept_a / dense_a, 6),
-                "mlp_sparsity": round(1 - shape.mlp_params(m["intermediate"]) / dense_f, 6),
-            }
-        )
-    return rows
-
-
 def prune(
     model: str | None = None, *, sparsity: float, out: str | os.PathLike[str], **options: Any
 ) -> Result:
@@ -189,129 +163,56 @@ def run(cfg: PruneConfig, command: str | None = None) -> Result:
         dist.teardown()
 
 
+@dataclass
+class _Opened:
+    """The model as opened (config and tokenizer, no weights) and the run's resolved sizes."""
+
+    opened: Opened
+    cfg: PruneConfig  # preset resolved: every size set
+    sizes: Sizes
+    preset: str
+    seq_len: int  # cfg.seq_len clipped to the model's context
+    centres: dict[str, list[int]] | None  # --genome: units removed per block
+
+
 def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
     """The run of `asked` (the options as given; presets are resolved here), holding `workdir`.
     On a torchrun worker (rank > 0), only the shared search: no evaluation, no files."""
-    t = clock.start
-    main = dist.is_main()
-    cfg, explicit = asked, {k for k in DATA_KEYS if getattr(asked, k) is not None}
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
-    opened = open_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    tok, spec = opened.tokenizer, opened.spec
-    cfg, preset = resolve_preset(cfg, opened.param_count())
-    centres = _read_genome(cfg.genome, opened.config) if cfg.genome and cfg.method == "tyr" else None
-    assert cfg.calib_tokens and cfg.seq_len and cfg.eval_tokens and cfg.batch_size
-    seq_len = min(cfg.seq_len, int(getattr(opened.config, "max_position_embeddings", cfg.seq_len)))
-    if seq_len < cfg.seq_len and "seq_len" in explicit:
-        raise UserError(
-            f"--seq-len {cfg.seq_len} exceeds the model's context of {seq_len} positions",
-            f"give --seq-len {seq_len} or less",
-        )
-    if seq_len < cfg.seq_len:
-        log.warning("seq_len %d exceeds the model's %d positions; using %d", cfg.seq_len, seq_len, seq_len)
-    if dist.world() > 1 and main:
-        log.info("%d processes share the supernet solves and the search", dist.world())
-    t = clock.add("load", t)
-
-    # Data first: a bad source fails before any weights are read.
-    calib = windows(
-        cfg.calib,
-        "calib",
-        tok,
-        cfg.calib_tokens,
-        seq_len,
-        "calib_tokens" in explicit,
-        cfg.seed if cfg.calib_sample == "random" else None,
-    )
-    heldout = None
-    if not cfg.no_eval and main:
-        heldout = windows(
-            cfg.eval_data, "heldout", tok, cfg.eval_tokens, seq_len, "eval_tokens" in explicit, None
-        )
+    run = _open(asked)
+    cfg, spec = run.cfg, run.opened.spec
+    t = clock.add("load", clock.start)
+    calib, heldout = _data(run, asked)
     t = clock.add("calibration", t)
-
-    # The uniform prune reads one block at a time from the checkpoint; the search holds the model.
-    spill = workdir / "stream"
-    shutil.rmtree(spill, ignore_errors=True)  # what a killed uniform run left
-    model = load_lazy(opened, getattr(torch, cfg.dtype), spill) if cfg.method == "uniform" and main else None
-    if model is None:
-        model = load_weights(opened, getattr(torch, cfg.dtype))
+    model = _weights(run, workdir)
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    if main:
+    if dist.is_main():
         check_options(workdir, asked.work_options(), record=True)
-    log.info(
-        "model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
-        opened.name,
-        shape.n_layers,
-        shape.n_q,
-        shape.n_kv,
-        shape.intermediate,
-        dense_block / 1e6,
-        preset,
-    )
-    t = clock.add("load", t)
+    _log_model(run, shape, dense_block)
+    clock.add("load", t)
+    ppl = _dense_ppl(run, model, heldout, clock) if heldout is not None else None
 
-    ppl: dict[str, Any] | None = None
-    if heldout is not None:
-        key = {
-            "model": fingerprint(model),
-            "source": cfg.eval_data,
-            "tokens": heldout.numel(),
-            "seq_len": seq_len,
-            "dtype": cfg.dtype,
-            "metric": "ppl/1",
-        }
-        dense_ppl = _dense_ppl_cached(
-            key,
-            lambda: perplexity(
-                model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device, desc="dense perplexity"
-            ),
-        )
-        ppl = {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": seq_len, "dense": dense_ppl}
-        t = clock.add("eval", t)
+    plans, search_log = _prune(run, model, shape, calib, workdir, clock)
+    if not dist.is_main():
+        return Result(out, {})
 
-    search_log: list[dict[str, Any]] | None = None
-    if not main and cfg.method != "tyr":
-        return Result(out, {})  # the uniform prune is not shared; rank 0 does it alone
-    if cfg.method == "tyr":
-        plans, search_log = _search(cfg, model, spec, shape, calib, workdir, centres)
-        if not main:
-            return Result(out, {})
-        supernet_s = sum(r["supernet_seconds"] for r in search_log)
-        clock.spans["supernet"] = round(supernet_s, 3)
-        clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
-        t = time.perf_counter()
-    else:
-        inputs = capture(model, spec, list(calib.split(cfg.batch_size)), cfg.device, cfg.offload, workdir)
-        t = clock.add("calibration", t)
-        try:
-            opt = SolverOptions(
-                saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
-            )
-            plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
-        finally:
-            inputs.close()
-        t = clock.add("prune", t)
-
+    t = time.perf_counter()
     apply_plans(model, plans, spec, shape)
     pruned_block, pruned_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    save_pruned(model, tok, plans, shape, tmp)
-    verify_export(model, tmp, calib[:1, : min(64, seq_len)])
+    save_pruned(model, run.opened.tokenizer, plans, shape, tmp)
+    verify_export(model, tmp, calib[:1, : min(64, run.seq_len)])
     t = clock.add("export", t)
-
     if ppl is not None and heldout is not None:
         ppl["pruned"] = perplexity(
-            model, spec, heldout, batch_size=cfg.batch_size, device=cfg.device, desc="pruned perplexity"
+            model, spec, heldout, batch_size=run.sizes.batch_size, device=cfg.device, desc="pruned perplexity"
         )
-        t = clock.add("eval", t)
+        clock.add("eval", t)
 
     clock.spans["total"] = round(time.perf_counter() - clock.start, 3)
-    data: dict[str, Any] = {
-        "schema": SCHEMA,
+    data: record.Record = {
+        "schema": record.SCHEMA,
         "tyr_version": __version__,
-        "model": opened.name,
+        "model": run.opened.name,
         "method": cfg.method,
         "sparsity_target": cfg.sparsity,
         "sparsity_achieved": round(1 - pruned_block / dense_block, 6),
@@ -321,16 +222,16 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
             "dense_total": dense_total,
             "pruned_total": pruned_total,
         },
-        "layers": _layer_rows(plans_metadata(plans, shape), shape),
+        "layers": record.layer_rows(plans_metadata(plans, shape), shape),
         "ppl": ppl,
-        **({"search": {"iterations": search_log}} if search_log is not None else {}),
+        **({"search": {"iterations": search_log}} if search_log is not None else {}),  # type: ignore[typeddict-item]
         "timings": clock.spans,
         "config": {
             **cfg.to_dict(),
-            "seq_len": seq_len,
+            "seq_len": run.seq_len,
             "calib_tokens": int(calib.numel()),
             "eval_tokens": int(heldout.numel()) if heldout is not None else 0,
-            "preset_resolved": preset,
+            "preset_resolved": run.preset,
         },
         "config_identity": asked.identity(),
         "command": command,
@@ -342,40 +243,146 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
             "processes": dist.world(),
         },
     }
-    write_card(tmp, data, command, opened.provenance())
-    atomic_json(tmp / RESULT, data, indent=2)
+    write_card(tmp, dict(data), command, run.opened.provenance())
+    record.write(tmp, data)
     _finish_out(tmp, out)
-    shutil.rmtree(spill, ignore_errors=True)
-    return Result(out, data)
+    shutil.rmtree(workdir / "stream", ignore_errors=True)
+    return Result(out, dict(data))
+
+
+def _open(asked: PruneConfig) -> _Opened:
+    """Open the model (config and tokenizer), resolve the preset, check --genome and --seq-len
+    against the model before any work."""
+    if asked.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
+    opened = open_model(asked.model, trust_remote_code=asked.trust_remote_code)
+    cfg, preset, sizes = resolve_preset(asked, opened.param_count())
+    centres = read_genome(cfg.genome, opened.config) if cfg.genome and cfg.method == "tyr" else None
+    seq_len = min(sizes.seq_len, int(getattr(opened.config, "max_position_embeddings", sizes.seq_len)))
+    if seq_len < sizes.seq_len and asked.seq_len is not None:
+        raise UserError(
+            f"--seq-len {sizes.seq_len} exceeds the model's context of {seq_len} positions",
+            f"give --seq-len {seq_len} or less",
+        )
+    if seq_len < sizes.seq_len:
+        log.warning("seq_len %d exceeds the model's %d positions; using %d", sizes.seq_len, seq_len, seq_len)
+    if dist.world() > 1 and dist.is_main():
+        log.info("%d processes share the supernet solves and the search", dist.world())
+    return _Opened(opened, cfg, sizes, preset, seq_len, centres)
+
+
+def _data(run: _Opened, asked: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration windows, and held-out windows on rank 0 unless --no-eval. Data come before
+    weights, so that a bad source fails before any weights are read."""
+    cfg, tok = run.cfg, run.opened.tokenizer
+    sample_seed = cfg.seed if cfg.calib_sample == "random" else None
+    explicit = asked.calib_tokens is not None
+    calib = windows(cfg.calib, "calib", tok, run.sizes.calib_tokens, run.seq_len, explicit, sample_seed)
+    if cfg.no_eval or not dist.is_main():
+        return calib, None
+    explicit = asked.eval_tokens is not None
+    return calib, windows(cfg.eval_data, "heldout", tok, run.sizes.eval_tokens, run.seq_len, explicit, None)
+
+
+def _weights(run: _Opened, workdir: Path) -> nn.Module:
+    """The uniform prune reads one block at a time from the checkpoint; the search holds the
+    whole model."""
+    cfg = run.cfg
+    spill = workdir / "stream"
+    shutil.rmtree(spill, ignore_errors=True)  # what a killed uniform run left
+    model = None
+    if cfg.method == "uniform" and dist.is_main():
+        model = load_lazy(run.opened, getattr(torch, cfg.dtype), spill)
+    return model if model is not None else load_weights(run.opened, getattr(torch, cfg.dtype))
+
+
+def _log_model(run: _Opened, shape: Shape, dense_block: int) -> None:
+    log.info(
+        "model %s: %d blocks, %d q / %d kv heads, d_ff %d; %.1fM block params; preset %s",
+        run.opened.name,
+        shape.n_layers,
+        shape.n_q,
+        shape.n_kv,
+        shape.intermediate,
+        dense_block / 1e6,
+        run.preset,
+    )
+
+
+def _dense_ppl(run: _Opened, model: nn.Module, heldout: torch.Tensor, clock: _Clock) -> record.Ppl:
+    """The dense model's held-out perplexity, computed once per model and setting (cached)."""
+    cfg, t = run.cfg, time.perf_counter()
+    key = {
+        "model": fingerprint(model),
+        "source": cfg.eval_data,
+        "tokens": heldout.numel(),
+        "seq_len": run.seq_len,
+        "dtype": cfg.dtype,
+        "metric": "ppl/1",
+    }
+    dense = _dense_ppl_cached(
+        key,
+        lambda: perplexity(
+            model,
+            run.opened.spec,
+            heldout,
+            batch_size=run.sizes.batch_size,
+            device=cfg.device,
+            desc="dense perplexity",
+        ),
+    )
+    clock.add("eval", t)
+    return {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": run.seq_len, "dense": dense}
+
+
+def _prune(
+    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path, clock: _Clock
+) -> tuple[list[LayerPlan | None], list[dict[str, Any]] | None]:
+    """The method: per-block plans and, for `tyr`, the search log. The search is shared by
+    every rank; the uniform prune is rank 0's alone (the others get no plans)."""
+    cfg, spec, t = run.cfg, run.opened.spec, time.perf_counter()
+    if cfg.method == "tyr":
+        plans, search_log = _search(run, model, shape, calib, workdir)
+        supernet_s = sum(r["supernet_seconds"] for r in search_log)
+        clock.spans["supernet"] = round(supernet_s, 3)
+        clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
+        return plans, search_log
+    if not dist.is_main():
+        return [], None
+    inputs = capture(model, spec, list(calib.split(run.sizes.batch_size)), cfg.device, cfg.offload, workdir)
+    t = clock.add("calibration", t)
+    try:
+        opt = SolverOptions(
+            saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
+        )
+        plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
+    finally:
+        inputs.close()
+    clock.add("prune", t)
+    return plans, None
 
 
 def _search(
-    cfg: PruneConfig,
-    model: nn.Module,
-    spec: arch.ArchSpec,
-    shape: arch.Shape,
-    calib: torch.Tensor,
-    workdir: Path,
-    centres: dict[str, list[int]] | None,
+    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
-    """The global search (--method tyr), or one given genome (`centres`); stage sizes are
+    """The global search (--method tyr), or the genome given by --genome; stage sizes are
     clipped to the calibration pool."""
+    cfg, sizes, centres = run.cfg, run.sizes, run.centres
     pool = calib.numel()
-    stages = int_list(cfg.stage_tokens)
+    stages = sizes.stage_tokens
     if max(stages) > pool:
         log.warning("selection stages %s exceed the %d calibration tokens; clipping", stages, pool)
         stages = tuple(min(s, pool) for s in stages)
-    assert cfg.iterations and cfg.generations and cfg.offspring and cfg.kl_topk
     if centres is not None:
         log.info("applying the genome of %s: one supernet level per sub-layer, no search", cfg.genome)
     opt = SearchOptions(
-        iterations=1 if centres else cfg.iterations,
-        generations=cfg.generations,
-        offspring=cfg.offspring,
+        iterations=1 if centres else sizes.iterations,
+        generations=sizes.generations,
+        offspring=sizes.offspring,
         stage_tokens=stages,
-        survivors=int_list(cfg.survivors),
-        levels=1 if centres else cfg.levels,
-        kl_topk=cfg.kl_topk,
+        survivors=sizes.survivors,
+        levels=1 if centres else sizes.levels,
+        kl_topk=sizes.kl_topk,
         seed=cfg.seed,
         supernet=SupernetOptions(
             saliency=cfg.saliency,
@@ -394,7 +401,7 @@ def _search(
     }
     return search_prune(
         model,
-        spec,
+        run.opened.spec,
         shape,
         cfg.sparsity,
         calib,
@@ -402,53 +409,10 @@ def _search(
         workdir,
         identity,
         device=cfg.device,
-        batch_size=cfg.batch_size or 8,
+        batch_size=sizes.batch_size,
         offload=cfg.offload,
         centres=centres,
     )
-
-
-def _read_genome(path: str, config: Any) -> dict[str, list[int]]:
-    """Units removed per block from `--genome`: {"attn": [...], "mlp": [...]} (attention in query
-    heads), or a tyr result.json (its final search genome, or its per-layer widths). Checked
-    against the model's config before any work."""
-    L, n_q, d_ff = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
-    need = (
-        f'give {{"attn": [{L} head counts 0..{n_q}], "mlp": [{L} neuron counts 0..{d_ff}]}}'
-        " or a tyr result.json"
-    )
-    try:
-        data = json.loads(Path(path).expanduser().read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read --genome {path}: {exc}", "give a JSON file") from exc
-    try:
-        if isinstance(data, dict) and data.get("search"):
-            last = data["search"]["iterations"][-1]
-            steps = {"attn": last["step_attn"], "mlp": last["step_mlp"]}
-            counts = [
-                c + k * steps["attn" if i % 2 == 0 else "mlp"]
-                for i, (c, k) in enumerate(zip(last["centres"], last["genome"], strict=True))
-            ]
-            genome = {"attn": counts[0::2], "mlp": counts[1::2]}
-        elif isinstance(data, dict) and data.get("layers"):
-            genome = {
-                "attn": [n_q - r["q_heads"] for r in data["layers"]],
-                "mlp": [d_ff - r["intermediate"] for r in data["layers"]],
-            }
-        else:
-            genome = data
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise UserError(f"--genome {path} is a damaged tyr result ({exc!r})", need) from exc
-    if not isinstance(genome, dict):
-        raise UserError(f"--genome {path} is not a genome for this model", need)
-    for key, n in (("attn", n_q), ("mlp", d_ff)):
-        values = genome.get(key)
-        if not isinstance(values, list) or len(values) != L:
-            raise UserError(f"--genome {path}: {key!r} is not a list of {L} integers (one per block)", need)
-        for b, x in enumerate(values):
-            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= n:
-                raise UserError(f"--genome {path}: {key}[{b}] = {x!r} is outside 0..{n}", need)
-    return {"attn": list(genome["attn"]), "mlp": list(genome["mlp"])}
 
 
 def _device_name(device: str) -> str:

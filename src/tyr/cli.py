@@ -143,7 +143,7 @@ def _prune(ns: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from tyr.evaluation import evaluate
+    from tyr.eval import evaluate
 
     ppl = None if ns.ppl == "none" else ns.ppl
     data = evaluate(
@@ -179,7 +179,7 @@ def _report(ns: argparse.Namespace) -> int:
 def _plan(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tyr.plan import estimate, format_plan
+    from tyr.report import estimate, format_plan
 
     est = estimate(ns.model, ns.sparsity, preset=ns.preset, method=ns.method, dtype=ns.dtype)
     print(format_plan(est))

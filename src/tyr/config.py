@@ -14,7 +14,7 @@ from typing import Any
 
 from tyr.errors import UserError
 
-__all__ = ["PruneConfig", "PRESETS", "load_config_file", "parse_set", "resolve_preset"]
+__all__ = ["PruneConfig", "PRESETS", "Sizes", "load_config_file", "parse_set", "resolve_preset"]
 
 METHODS = ("tyr", "uniform")
 PRESET_NAMES = ("auto", "smoke", "quick", "paper")
@@ -215,13 +215,6 @@ def _int_list(key: str, value: str | None) -> tuple[int, ...] | None:
     return out
 
 
-def int_list(value: str | None) -> tuple[int, ...]:
-    """A validated comma-separated list of positive integers (stage_tokens, survivors)."""
-    out = _int_list("value", value)
-    assert out is not None
-    return out
-
-
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(PruneConfig)
     return {f.name: hints[f.name] for f in fields(PruneConfig)}
@@ -284,11 +277,33 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return check_keys(out, "--set")
 
 
-def resolve_preset(cfg: PruneConfig, n_params: int) -> tuple[PruneConfig, str]:
-    """Fill unset data sizes from the preset (`auto`: quick under 1B parameters on CPU)."""
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes of a run once its preset is resolved: none optional, lists parsed."""
+
+    calib_tokens: int
+    seq_len: int
+    eval_tokens: int
+    batch_size: int
+    iterations: int
+    generations: int
+    offspring: int
+    stage_tokens: tuple[int, ...]
+    survivors: tuple[int, ...]
+    levels: int
+    kl_topk: int
+
+
+def resolve_preset(cfg: PruneConfig, n_params: int) -> tuple[PruneConfig, str, Sizes]:
+    """Fill unset data sizes from the preset (`auto`: quick under 1B parameters on CPU);
+    returns the filled config, the preset's name and the sizes."""
     name = cfg.preset
     if name == "auto":
         name = "quick" if n_params < 1_000_000_000 and cfg.device == "cpu" else "paper"
-    sizes = PRESETS[name]
-    updates: dict[str, Any] = {k: v for k, v in sizes.items() if getattr(cfg, k) is None}
-    return dataclasses.replace(cfg, **updates), name
+    preset = PRESETS[name]
+    updates: dict[str, Any] = {k: v for k, v in preset.items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **updates)
+    values = {f.name: getattr(cfg, f.name) for f in fields(Sizes)}
+    lists = {k: _int_list(k, values[k]) for k in ("stage_tokens", "survivors")}
+    sizes = Sizes(**{**values, **lists})
+    return cfg, name, sizes

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from tyr.budget import Shape
 from tyr.errors import UserError
 
 __all__ = [
@@ -164,38 +165,6 @@ def logit_softcap(model: nn.Module) -> float | None:
 
 def spec_for(model: nn.Module) -> ArchSpec:
     return spec_for_config(model.config)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The dimensions that pruning reasons about (head_dim from the config, never d/n_q)."""
-
-    hidden: int
-    n_layers: int
-    n_q: int
-    n_kv: int
-    head_dim: int
-    intermediate: int
-    q_bias: bool
-    kv_bias: bool
-    o_bias: bool
-    mlp_bias: bool  # gate/up biases
-    down_bias: bool
-
-    @property
-    def group(self) -> int:
-        return self.n_q // self.n_kv
-
-    def attn_params(self, q: int, v: int) -> int:
-        """Real parameters of an attention sub-layer keeping q query and v KV heads (§3.2);
-        with q = 0 only the o_proj bias remains (the removed sub-layer outputs that constant)."""
-        d, dh = self.hidden, self.head_dim
-        return d * dh * (2 * q + 2 * v) + dh * (q * self.q_bias + 2 * v * self.kv_bias) + d * self.o_bias
-
-    def mlp_params(self, f: int) -> int:
-        """Real parameters of an FFN sub-layer keeping f neurons (f = 0: the down_proj bias)."""
-        d = self.hidden
-        return 3 * d * f + 2 * f * self.mlp_bias + d * self.down_bias
 
 
 def get_module(root: nn.Module, path: str) -> Any:

@@ -1,5 +1,37 @@
-"""Global sparsity search: the level space and the (1+λ) evolution (ALGORITHM.md §5.1, §7).
+"""Global sparsity search: the level space, the (1+λ) evolution and the KL fitness.
 
-Nothing here imports torch: the search is a seeded function of a space, a fitness callable
-and a random generator.
+The space and the evolution import no torch: the search is a seeded function of a space, a
+fitness callable and a random generator.
 """
+
+from __future__ import annotations
+
+from tyr.search.evolution import (
+    Generation,
+    evolve,
+    mutate,
+    offspring,
+)
+from tyr.search.fitness import (
+    KLFitness,
+    LiveModel,
+    TeacherCache,
+    topk_kl,
+)
+from tyr.search.space import (
+    Genome,
+    Space,
+)
+
+__all__ = [
+    "Space",
+    "Genome",
+    "mutate",
+    "offspring",
+    "Generation",
+    "evolve",
+    "topk_kl",
+    "TeacherCache",
+    "LiveModel",
+    "KLFitness",
+]

@@ -1,4 +1,4 @@
-"""Budget-preserving (1+λ) evolution with staged selection (ALGORITHM.md §7.2–§7.4)."""
+"""Budget-preserving (1+λ) evolution with staged selection (docs/algorithm.md §7.2–§7.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fitness of a genome: KL(teacher ‖ student) over the dense teacher's top-k logits (ALGORITHM.md
+"""Fitness of a genome: KL(teacher ‖ student) over the dense teacher's top-k logits (docs/algorithm.md
 §7.5, §7.6), evaluated on a physically sliced model that reloads only the changed sub-layers and
 starts each genome from the parent's hidden states at its first changed block (§7.8 levers 1–4;
 the parent's state is kept at one block per batch and advanced as the genomes go, not at every
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tyr import arch, dist
+from tyr import arch
 from tyr.arch import ArchSpec, Shape
-from tyr.gqa import layout
-from tyr.search.space import Gene, Genome
+from tyr.budget import Gene, layout
+from tyr.infra import atomic_json, atomic_write, dist
+from tyr.search.space import Genome
 from tyr.stream import Prefix
 from tyr.supernet import Candidate, Store
-from tyr.workdir import atomic_json, atomic_write
 
 log = logging.getLogger(__name__)
 

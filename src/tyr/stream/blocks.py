@@ -2,7 +2,7 @@
 
 The whole model never sits on the compute device: embeddings and rotary tables go there for
 the capture, then each block in turn. Block inputs/outputs live in an :class:`ActivationStore`
-on the host or on disk (ALGORITHM.md §11.1, DESIGN.md §4.3).
+on the host or on disk (docs/algorithm.md §11.1, docs/architecture.md §3.3).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tyr import arch, lazy
+from tyr import arch
 from tyr.arch import ArchSpec
+from tyr.stream import lazy
 
 __all__ = [
     "ActivationStore",
@@ -271,7 +272,7 @@ class Prefix:
     """One token batch's hidden states at block `depth`, its blocks visiting `device` one at a
     time: :meth:`final` moves them forward to a block and runs the rest of the model from there
     on a branch, so that models sharing their first blocks share that work (the search's
-    parent-activation reuse, ALGORITHM.md §7.8)."""
+    parent-activation reuse, docs/algorithm.md §7.8)."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str) -> None:
         self.spec, self.device = spec, device

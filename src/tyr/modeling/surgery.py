@@ -1,4 +1,4 @@
-"""Pure weight slicing (ALGORITHM.md §2.5, §3): producer rows and consumer columns.
+"""Pure weight slicing (docs/algorithm.md §2.5, §3): producer rows and consumer columns.
 
 Tensors are in ``nn.Linear`` orientation: weight [out_features, in_features], bias [out_features].
 A *compact* consumer weight holds only the input columns of kept units, in ascending unit order.

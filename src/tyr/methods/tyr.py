@@ -1,4 +1,4 @@
-"""Týr-the-Pruner: supernet → evolutionary search → re-centre, coarse to fine (ALGORITHM.md §1, §8)."""
+"""Týr-the-Pruner: supernet → evolutionary search → re-centre, coarse to fine (docs/algorithm.md §1, §8)."""
 
 from __future__ import annotations
 
@@ -7,25 +7,23 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tyr import dist
-from tyr.arch import ArchSpec, Shape
-from tyr.gqa import layout, round_half_up, spread
+from tyr import budget
+from tyr.arch import ArchSpec
+from tyr.budget import KINDS, Gene, Shape, SubLayer
+from tyr.errors import UserError
+from tyr.infra import atomic_json, dist
 from tyr.modeling import LayerPlan
-from tyr.search.evolution import Generation, evolve
-from tyr.search.fitness import KLFitness, LiveModel, TeacherCache
-from tyr.search.space import KINDS, Gene, Genome, Space, ffn_step_floor, level_range, step_units
+from tyr.search import Generation, Genome, KLFitness, LiveModel, Space, TeacherCache, evolve
 from tyr.stream import capture
-from tyr.supernet import Candidate, Store, SubLayer, SupernetOptions, build
-from tyr.workdir import atomic_json
+from tyr.supernet import Candidate, Store, SupernetOptions, build
 
-__all__ = ["SearchOptions", "search_prune"]
+__all__ = ["SearchOptions", "read_genome", "search_prune"]
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +40,6 @@ class SearchOptions:
     seed: int = 0
     gqa_budget_tol: float = 0.005  # of L·P_A, real parameters (§3.5)
     supernet: SupernetOptions = SupernetOptions()
-
-
-def _sublayers(
-    shape: Shape, centres: dict[Gene, int], steps: dict[str, int], half: int
-) -> dict[Gene, SubLayer]:
-    n = {"attn": shape.n_q, "mlp": shape.intermediate}
-    out = {}
-    for gene, c in centres.items():
-        lo, hi = level_range(c, steps[gene.kind], n[gene.kind], half)
-        out[gene] = SubLayer(gene, n[gene.kind], c, steps[gene.kind], lo, hi)
-    return out
 
 
 def _space(
@@ -98,14 +85,12 @@ def search_prune(
     `centres` ({"attn": [...], "mlp": [...]}, units removed per block) replaces the uniform
     starting point; with one iteration of one level it applies that genome without a search.
     """
-    S, L = Fraction(str(sparsity)), shape.n_layers
+    L = shape.n_layers
     genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
-    U = {"attn": round_half_up(S * shape.n_q * L), "mlp": round_half_up(S * shape.intermediate * L)}
-    spreads = {kind: spread(U[kind], L) for kind in KINDS}
-    initial = centres or spreads
+    initial = centres or budget.initial_centres(shape, sparsity)
     centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
     P_A = shape.attn_params(shape.n_q, shape.n_kv)
-    target_attn = float(U["attn"] * Fraction(P_A, shape.n_q))  # real parameters
+    target_attn = float(budget.type_totals(shape, sparsity)["attn"] * budget.attn_unit(shape))  # real params
     tol = opt.gqa_budget_tol * L * P_A
     teacher = TeacherCache(
         workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
@@ -117,11 +102,8 @@ def search_prune(
     store: Store | None = None
     for t in range(1, opt.iterations + 1):
         start = time.perf_counter()
-        steps = {
-            "attn": step_units(shape.n_q, t, 1),
-            "mlp": step_units(shape.intermediate, t, ffn_step_floor(shape.intermediate)),
-        }
-        subs = _sublayers(shape, centres_by_gene, steps, opt.levels // 2)
+        steps = budget.steps(shape, t)
+        subs = budget.sublayers(shape, centres_by_gene, steps, opt.levels // 2)
         ident = {
             **identity,
             "iteration": t,
@@ -192,18 +174,56 @@ def search_prune(
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
         if t < opt.iterations:
-            centres_by_gene = {
-                g: centres_by_gene[g] + k * steps[g.kind] for g, k in zip(genes, best, strict=True)
-            }
+            centres_by_gene = budget.recentre(centres_by_gene, genes, best, steps)
 
     assert store is not None
     plans: list[LayerPlan | None] = []
     chosen = {g: next(c for c in cands[g] if c.level == k) for g, k in zip(genes, best, strict=True)}
     for b in range(L):
         a, m = chosen[Gene(b, "attn")], chosen[Gene(b, "mlp")]
-        heads = layout(a.kept, shape.n_q, shape.n_kv)
+        heads = budget.layout(a.kept, shape.n_q, shape.n_kv)
         plans.append(LayerPlan(heads, m.kept, store.weight(a).clone(), store.weight(m).clone()))
     return plans, log_rows
+
+
+def read_genome(path: str, config: Any) -> dict[str, list[int]]:
+    """Units removed per block from `--genome`: {"attn": [...], "mlp": [...]} (attention in query
+    heads), or a tyr result.json (its final search genome, or its per-layer widths). Checked
+    against the model's config before any work."""
+    L, n_q, d_ff = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    need = (
+        f'give {{"attn": [{L} head counts 0..{n_q}], "mlp": [{L} neuron counts 0..{d_ff}]}}'
+        " or a tyr result.json"
+    )
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read --genome {path}: {exc}", "give a JSON file") from exc
+    try:
+        if isinstance(data, dict) and data.get("search"):
+            last = data["search"]["iterations"][-1]
+            genome = budget.units_of_iteration(
+                last["centres"], last["genome"], last["step_attn"], last["step_mlp"]
+            )
+        elif isinstance(data, dict) and data.get("layers"):
+            genome = {
+                "attn": [n_q - r["q_heads"] for r in data["layers"]],
+                "mlp": [d_ff - r["intermediate"] for r in data["layers"]],
+            }
+        else:
+            genome = data
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UserError(f"--genome {path} is a damaged tyr result ({exc!r})", need) from exc
+    if not isinstance(genome, dict):
+        raise UserError(f"--genome {path} is not a genome for this model", need)
+    for key, n in (("attn", n_q), ("mlp", d_ff)):
+        values = genome.get(key)
+        if not isinstance(values, list) or len(values) != L:
+            raise UserError(f"--genome {path}: {key!r} is not a list of {L} integers (one per block)", need)
+        for b, x in enumerate(values):
+            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= n:
+                raise UserError(f"--genome {path}: {key}[{b}] = {x!r} is outside 0..{n}", need)
+    return {"attn": list(genome["attn"]), "mlp": list(genome["mlp"])}
 
 
 def _evolve_resumable(

@@ -2,7 +2,7 @@
 
 Stock transformers attention assumes the config's uniform head counts, so a pruned block gets
 :class:`TyrAttention`, which gathers K/V heads by ``q_to_kv`` and skips attention entirely when
-a layer keeps no query head (ALGORITHM.md §3.1, §11.3, §11.9). MLPs keep their class and get
+a layer keeps no query head (docs/algorithm.md §3.1, §11.3, §11.9). MLPs keep their class and get
 smaller Linears.
 """
 
@@ -15,11 +15,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tyr import arch, lazy
-from tyr.arch import ArchSpec, Shape
-from tyr.gqa import HeadLayout, layout
-from tyr.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
-from tyr.surgery import compact_cols, expand_cols, slice_gate_up, slice_qkv
+from tyr import arch
+from tyr.arch import ArchSpec
+from tyr.budget import HeadLayout, Shape, layout
+from tyr.modeling.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
+from tyr.modeling.surgery import compact_cols, expand_cols, slice_gate_up, slice_qkv
+from tyr.stream import lazy
 
 __all__ = [
     "LayerPlan",
@@ -139,7 +140,7 @@ def mask_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, 
 
 
 def plans_metadata(plans: list[LayerPlan | None], shape: Shape) -> list[dict]:
-    """Per-layer widths as stored with a pruned checkpoint (ALGORITHM.md §2.5)."""
+    """Per-layer widths as stored with a pruned checkpoint (docs/algorithm.md §2.5)."""
     out = []
     for plan in plans:
         if plan is None:

@@ -1,44 +1,33 @@
 """Uniform structural pruning: every block pruned by the same fraction with the local pruner and
 full (chosen-path) error propagation — block b is calibrated on the outputs of the already
-pruned blocks < b. The paper's local-pruning baseline (ALGORITHM.md §10.2, Table 4)."""
+pruned blocks < b. The paper's local-pruning baseline (docs/algorithm.md §10.2, Table 4)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tyr import arch, lazy
-from tyr.arch import ArchSpec, Shape
-from tyr.gqa import layout, prune_attention, round_half_up, spread
-from tyr.local import Solution, magnitude_order, make_problem, solution_for_kept, solve
+from tyr import arch
+from tyr.arch import ArchSpec
+from tyr.budget import Shape, allocate, layout, uniform_attn_target
+from tyr.local import (
+    Solution,
+    magnitude_order,
+    make_problem,
+    prune_attention,
+    solution_for_kept,
+    solve,
+)
 from tyr.modeling import LayerPlan
-from tyr.stats import collect_gram, propagate_mlp
-from tyr.stream import BlockInputs, on_device
+from tyr.stream import BlockInputs, collect_gram, lazy, on_device, propagate_mlp
 
-__all__ = ["Allocation", "allocate", "prune_uniform"]
+__all__ = ["SolverOptions", "prune_uniform"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """Per-type removal targets: real attention parameters in total, neurons per block."""
-
-    attn_params: int  # U_A in real parameters, corrected block by block
-    mlp_neurons: list[int]  # r_b per block, summing to U_F = round_half_up(S·d_ff·L)
-
-
-def allocate(shape: Shape, sparsity: float) -> Allocation:
-    """The same fraction for every block, counted in real parameters (ALGORITHM.md §0 A1, §2.4)."""
-    S = Fraction(str(sparsity))
-    attn_total = shape.n_layers * shape.attn_params(shape.n_q, shape.n_kv)
-    U_F = round_half_up(S * shape.intermediate * shape.n_layers)
-    return Allocation(round_half_up(S * attn_total), spread(U_F, shape.n_layers))
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def prune_uniform(
             with lazy.editing(layer), on_device(layer, device):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 # Attention: target the remaining budget spread evenly over the remaining blocks.
-                target = round(attn_left / (len(blocks) - b))
+                target = uniform_attn_target(attn_left, len(blocks) - b)
                 H_A = collect_gram(layer, a.o, inputs, device).H
                 sol_a = prune_attention(
                     make_problem(a.o.weight.T, H_A, damp=opt.damp),

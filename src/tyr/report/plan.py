@@ -44,25 +44,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tyr import arch
-from tyr.arch import Shape
-from tyr.config import PruneConfig, int_list, resolve_preset
+from tyr.budget import Shape, candidate_units
+from tyr.config import PruneConfig, Sizes, resolve_preset
 from tyr.errors import UserError
-from tyr.gqa import round_half_up, spread
+from tyr.eval import LOGIT_ELEMENTS
 from tyr.modeling import unfuse
-from tyr.perplexity import LOGIT_ELEMENTS
-from tyr.report import fmt_bytes, fmt_params
-from tyr.search.space import ffn_step_floor, level_range, step_units
+from tyr.report.fmt import fmt_bytes, fmt_params
 
 __all__ = [
     "Dims",
-    "Settings",
     "REFERENCE",
     "FORWARD_FLOPS_PER_S_2T",
     "LOCAL_SOLVE_FACTOR",
@@ -110,23 +106,6 @@ class Dims:
     head: int  # lm_head parameters (its matrix is read in full per token, tied or not)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The resolved sizes of a run that the estimates depend on."""
-
-    calib_tokens: int
-    seq_len: int
-    eval_tokens: int
-    batch_size: int
-    iterations: int
-    generations: int
-    offspring: int
-    stage_tokens: tuple[int, ...]
-    survivors: tuple[int, ...]
-    levels: int
-    kl_topk: int
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading: a config, never weights.
 
@@ -153,7 +132,7 @@ def _config_from_json(path: Path) -> Any:
 def load_config(model: str | None) -> tuple[Any, str]:
     """(transformers config, display name) of the embedded default (None), a directory holding
     config.json (weights optional), a config.json file, or anything `tyr prune` accepts."""
-    from tyr.models import DEFAULT_MODEL, open_model
+    from tyr.loader import DEFAULT_MODEL, open_model
 
     if model is None:
         return open_model(None).config, DEFAULT_MODEL
@@ -195,28 +174,6 @@ def dims_of(config: Any) -> Dims:
     )
 
 
-def _settings(cfg: PruneConfig) -> Settings:
-    """The sizes of a PruneConfig whose preset is resolved (every size set)."""
-
-    def need(value: int | None) -> int:
-        assert value is not None, "resolve_preset fills every size"
-        return int(value)
-
-    return Settings(
-        calib_tokens=need(cfg.calib_tokens),
-        seq_len=need(cfg.seq_len),
-        eval_tokens=need(cfg.eval_tokens),
-        batch_size=need(cfg.batch_size),
-        iterations=need(cfg.iterations),
-        generations=need(cfg.generations),
-        offspring=need(cfg.offspring),
-        stage_tokens=int_list(cfg.stage_tokens),
-        survivors=int_list(cfg.survivors),
-        levels=cfg.levels,
-        kl_topk=need(cfg.kl_topk),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Parameters, bytes, FLOPs.
 
@@ -254,25 +211,6 @@ def decode_params_read(dims: Dims, removed: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Supernet: which candidates exist, their size on disk, the work to solve them.
-
-
-def candidate_units(
-    shape: Shape, sparsity: float, iteration: int, levels: int
-) -> list[tuple[str, list[int]]]:
-    """For every sub-layer, (kind, units removed at each level) in iteration `iteration`,
-    centred on the uniform allocation as the search's first iteration is (later ones re-centre
-    on the search result, unknown in advance). Same rules as tyr.search.driver."""
-    S, L = Fraction(str(sparsity)), shape.n_layers
-    out: list[tuple[str, list[int]]] = []
-    for kind, n, floor in (
-        ("attn", shape.n_q, 1),
-        ("mlp", shape.intermediate, ffn_step_floor(shape.intermediate)),
-    ):
-        step = step_units(n, iteration, floor)
-        for centre in spread(round_half_up(S * n * L), L):
-            low, high = level_range(centre, step, n, levels // 2)
-            out.append((kind, [centre + k * step for k in range(low, high + 1)]))
-    return out
 
 
 def candidate_bytes(shape: Shape, kind: str, removed: int, dtype_bytes: int) -> int:
@@ -321,7 +259,7 @@ def streaming_flops_per_token(shape: Shape, seq_len: int, dense_block: int) -> f
 
 
 def local_pruning_seconds(
-    dims: Dims, settings: Settings, candidates: list[tuple[str, list[int]]], rate: float
+    dims: Dims, settings: Sizes, candidates: list[tuple[str, list[int]]], rate: float
 ) -> float:
     """One pass of local pruning (a supernet build, or the uniform prune) at `rate` FLOP/s."""
     stream = settings.calib_tokens * streaming_flops_per_token(dims.shape, settings.seq_len, dims.block)
@@ -333,7 +271,7 @@ def local_pruning_seconds(
 # Search, evaluation, memory.
 
 
-def search_tokens_per_generation(settings: Settings) -> int:
+def search_tokens_per_generation(settings: Sizes) -> int:
     """Student forward tokens of one generation: stage 0 scores every offspring, stage i the
     survivors of stage i−1, and the last stage re-scores the parent too; a stage draws at most
     the calibration set."""
@@ -343,7 +281,7 @@ def search_tokens_per_generation(settings: Settings) -> int:
     return sum(n * t for n, t in zip(scored, stages, strict=True))
 
 
-def search_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> float:
+def search_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float:
     """All generations of all iterations on the pruned-size student (top-k lm_head rows only),
     plus filling the teacher cache once with full dense forwards over the calibration set."""
     topk = min(settings.kl_topk, dims.vocab)
@@ -353,13 +291,13 @@ def search_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> 
     return (tokens * student + teacher) / rate
 
 
-def eval_seconds(dims: Dims, settings: Settings, kept: float, rate: float) -> float:
+def eval_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float:
     """Perplexity of the dense model (cached after the first run) and of the pruned one."""
     per_token = forward_flops(dims, settings.seq_len) + forward_flops(dims, settings.seq_len, kept)
     return settings.eval_tokens * per_token / rate
 
 
-def peak_ram(dims: Dims, settings: Settings, method: str, dtype_bytes: int, supernet: int) -> tuple[int, str]:
+def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, supernet: int) -> tuple[int, str]:
     """(bytes, phase) of the largest host-memory phase, block activations kept in memory.
 
     `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
@@ -390,7 +328,7 @@ def peak_ram(dims: Dims, settings: Settings, method: str, dtype_bytes: int, supe
 # The estimate.
 
 
-def _runtime(dims: Dims, settings: Settings, sparsity: float, method: str, kept: float) -> dict[str, float]:
+def _runtime(dims: Dims, settings: Sizes, sparsity: float, method: str, kept: float) -> dict[str, float]:
     threads = max(1, torch.get_num_threads())
     rate = FORWARD_FLOPS_PER_S_2T * threads / REFERENCE["threads"]
     prune = supernet = search = 0.0
@@ -443,8 +381,7 @@ def estimate(
     cfg = PruneConfig(sparsity=sparsity, out="", model=model, method=method, preset=preset, dtype=dtype)
     config, name = load_config(model)
     dims = dims_of(config)
-    cfg, preset_name = resolve_preset(cfg, dims.total)
-    settings = _settings(cfg)
+    cfg, preset_name, settings = resolve_preset(cfg, dims.total)
     S, b = float(sparsity), DTYPE_BYTES[dtype]
 
     kept_block = pruned_block(dims, S)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tyr import assets
 from tyr.errors import UserError
+from tyr.infra import assets
 
 __all__ = ["WIKI_MEMBER", "wiki_text", "load_text", "tokenize", "token_batches", "windows"]
 

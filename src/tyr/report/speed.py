@@ -36,7 +36,7 @@ _CHILD = r"""
 import json, sys
 import torch
 import tyr
-from tyr.speed import MARKER, measure
+from tyr.report.speed import MARKER, measure
 kw = json.loads(sys.argv[2])
 device, dtype = kw.pop("device"), getattr(torch, kw.pop("dtype"))
 model = tyr.load(sys.argv[1], dtype=dtype).to(device)
@@ -177,7 +177,7 @@ def measure_in_subprocess(
 ) -> dict[str, Any]:
     """:func:`measure` of ``tyr.load(model_dir)`` in a fresh Python process (so that the peak
     memory is this model's alone); `kw` are measure's keyword arguments, `timeout` in seconds."""
-    package_root = str(Path(__file__).resolve().parents[1])  # the directory that holds tyr/
+    package_root = str(Path(__file__).resolve().parents[2])  # the directory that holds tyr/
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
     args = json.dumps({**kw, "device": device, "dtype": dtype})

@@ -14,15 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from tyr import arch, assets, lazy
+from tyr import arch
 from tyr.errors import UserError
+from tyr.infra import assets
 from tyr.modeling import unfuse
+from tyr.stream import lazy
 
 __all__ = [
     "DEFAULT_MODEL",
     "Loaded",
     "Opened",
     "open_model",
+    "resolve",
     "load_weights",
     "load_lazy",
     "load_model",

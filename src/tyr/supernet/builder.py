@@ -1,5 +1,5 @@
 """Supernet: independent locally pruned candidates at several levels per sub-layer, built block
-by block with error accumulation and stored compactly on disk (ALGORITHM.md §5, §6, §0 A2/A3).
+by block with error accumulation and stored compactly on disk (docs/algorithm.md §5, §6).
 
 Layout of one iteration: ``iter{t}/manifest.json`` and ``iter{t}/blk{b:03d}.{attn|mlp}/L{k:+d}.safetensors``
 holding ``weight`` (the kept input columns of the refitted o_proj/down_proj, [d_out, kept·unit])
@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +20,17 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tyr import arch, dist
-from tyr.arch import ArchSpec, Shape
-from tyr.assets import sha256_file
+from tyr import arch
+from tyr.arch import ArchSpec
+from tyr.budget import Gene, Shape, SubLayer, attn_removed, attn_target, layout, mlp_removed
 from tyr.errors import UserError
-from tyr.gqa import attn_removed, layout, prune_attention
-from tyr.local import make_problem, solve_problem
-from tyr.search.space import Gene
-from tyr.stats import collect_gram, propagate_mlp
-from tyr.stream import BlockInputs, forward_block, on_device, to_device
-from tyr.surgery import compact_cols, expand_cols
-from tyr.workdir import atomic_json, atomic_write
+from tyr.infra import atomic_json, atomic_write, dist, sha256_file
+from tyr.local import make_problem, prune_attention, solve_problem
+from tyr.modeling import compact_cols, expand_cols
+from tyr.stream import BlockInputs, collect_gram, forward_block, on_device, propagate_mlp, to_device
 
 __all__ = [
     "ACCUMULATIONS",
-    "SubLayer",
     "Candidate",
     "Store",
     "SupernetOptions",
@@ -47,25 +42,6 @@ log = logging.getLogger(__name__)
 
 ACCUMULATIONS = ("expectation", "centre", "none")
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SubLayer:
-    """One gene's candidates: level k removes centre + k·step (nominal) units of n."""
-
-    gene: Gene
-    n: int
-    centre: int
-    step: int
-    low: int
-    high: int
-
-    def units(self, level: int) -> int:
-        return self.centre + level * self.step
-
-    @property
-    def levels(self) -> range:
-        return range(self.low, self.high + 1)
 
 
 @dataclass
@@ -126,7 +102,7 @@ class Store:
 
     def finished(self, gene: Gene) -> list[Candidate] | None:
         """The stored candidates of a finished sub-layer whose files all verify, else None
-        (a corrupt or missing file is reported and the sub-layer is recomputed, §0 A3)."""
+        (a corrupt or missing file is reported and the sub-layer is recomputed, §5.5)."""
         entry = self.sublayers.get(self.key(gene))
         if entry is None or entry.get("status") != "done":
             return None
@@ -195,10 +171,9 @@ def _attn_candidates(
     o: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions
 ) -> list[Candidate]:
     problem = make_problem(o.weight.T, H, damp=opt.damp)
-    per_unit = Fraction(shape.attn_params(shape.n_q, shape.n_kv), shape.n_q)  # nominal unit, real params
 
     def solve(k: int) -> Candidate:
-        target = round(sub.units(k) * per_unit)
+        target = attn_target(shape, sub.units(k))
         sol = prune_attention(problem, shape, target, mode=opt.gqa, saliency=opt.saliency)
         kept = tuple(int(h) for h in sol.kept)
         heads = layout(kept, shape.n_q, shape.n_kv)
@@ -213,13 +188,12 @@ def _mlp_candidates(
     down: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions
 ) -> list[Candidate]:
     problem = make_problem(down.weight.T, H, damp=opt.damp)
-    dense = shape.mlp_params(shape.intermediate)
 
     def solve(k: int) -> Candidate:
         sol = solve_problem(problem, 1, sub.units(k), saliency=opt.saliency, schedule=opt.schedule)
         kept = tuple(int(j) for j in sol.kept)
         weight = compact_cols(sol.weight.T.to(device="cpu", dtype=down.weight.dtype), kept, 1)
-        removed = dense - shape.mlp_params(len(kept))
+        removed = mlp_removed(shape, len(kept))
         return Candidate(k, sub.units(k), kept, (), removed, sol.eps, weight=weight)
 
     out: list[Candidate] = dist.map_ordered(solve, list(sub.levels))

@@ -27,7 +27,7 @@ def nll_sum(
 ) -> tuple[float, int]:
     """Σ next-token NLL over a batch [b, T] from final hidden states, logits upcast to fp32 in
     chunks of tokens so that a chunk holds at most LOGIT_ELEMENTS values and [b·T, V] fp32 never
-    exists at once (ALGORITHM.md §11.2); `softcap` is the family's final logit soft-capping."""
+    exists at once (docs/algorithm.md §11.2); `softcap` is the family's final logit soft-capping."""
     total = 0.0
     h = norm(hidden)[:, :-1].flatten(0, 1)
     targets = ids[:, 1:].to(h.device).flatten()

@@ -1,0 +1,39 @@
+"""Text and tasks: calibration and held-out token windows, the zero-shot task data."""
+
+from __future__ import annotations
+
+from tyr.data import tasks
+from tyr.data.tasks import (
+    CHANCE,
+    PAPER7,
+    TASKS,
+    Doc,
+    Task,
+    docs,
+    resolve_tasks,
+)
+from tyr.data.text import (
+    WIKI_MEMBER,
+    load_text,
+    token_batches,
+    tokenize,
+    wiki_text,
+    windows,
+)
+
+__all__ = [
+    "WIKI_MEMBER",
+    "wiki_text",
+    "load_text",
+    "tokenize",
+    "token_batches",
+    "windows",
+    "Doc",
+    "Task",
+    "TASKS",
+    "PAPER7",
+    "CHANCE",
+    "resolve_tasks",
+    "docs",
+    "tasks",
+]

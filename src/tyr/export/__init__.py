@@ -1,0 +1,25 @@
+"""Export: a pruned model as a from_pretrained-loadable checkpoint that proves itself."""
+
+from __future__ import annotations
+
+from tyr.export.checkpoint import (
+    FORMAT,
+    MODELING,
+    export_config,
+    load,
+    modeling_sha256,
+    save_pruned,
+    verify_export,
+    write_card,
+)
+
+__all__ = [
+    "FORMAT",
+    "MODELING",
+    "modeling_sha256",
+    "export_config",
+    "save_pruned",
+    "write_card",
+    "load",
+    "verify_export",
+]

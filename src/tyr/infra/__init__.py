@@ -1,0 +1,40 @@
+"""Infrastructure shared by every stage: atomic work files and locks, torch.distributed
+helpers, the packaged assets, number formatting.
+"""
+
+from __future__ import annotations
+
+from tyr.infra import assets, dist
+from tyr.infra.assets import (
+    ASSETS,
+    Asset,
+    extract,
+    sha256_file,
+    tyr_home,
+    wheel,
+)
+from tyr.infra.workdir import (
+    atomic_json,
+    atomic_write,
+    check_options,
+    fsync_tree,
+    locked,
+    pid_alive,
+)
+
+__all__ = [
+    "atomic_write",
+    "atomic_json",
+    "fsync_tree",
+    "locked",
+    "check_options",
+    "pid_alive",
+    "Asset",
+    "ASSETS",
+    "tyr_home",
+    "wheel",
+    "extract",
+    "sha256_file",
+    "assets",
+    "dist",
+]

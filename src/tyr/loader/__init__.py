@@ -1,0 +1,31 @@
+"""Opening models: the embedded default, hub ids, Hugging Face directories and GGUF files;
+weights whole or block by block; a model's fingerprint.
+"""
+
+from __future__ import annotations
+
+from tyr.loader.models import (
+    DEFAULT_MODEL,
+    Loaded,
+    Opened,
+    fingerprint,
+    gguf_to_hf,
+    load_lazy,
+    load_model,
+    load_weights,
+    open_model,
+    resolve,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Loaded",
+    "Opened",
+    "open_model",
+    "resolve",
+    "load_weights",
+    "load_lazy",
+    "load_model",
+    "gguf_to_hf",
+    "fingerprint",
+]

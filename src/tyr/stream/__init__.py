@@ -1,0 +1,43 @@
+"""Layer streaming: block-0 inputs captured with every argument, blocks run one at a time,
+activations offloaded, Gram matrices accumulated by hooks, and lazily read block weights.
+"""
+
+from __future__ import annotations
+
+from tyr.stream import lazy
+from tyr.stream.blocks import (
+    ActivationStore,
+    BlockInputs,
+    Prefix,
+    StopForward,
+    capture,
+    final_hidden,
+    forward_block,
+    on_device,
+    run_blocks,
+    to_device,
+)
+from tyr.stream.stats import (
+    Gram,
+    collect_gram,
+    gram_of,
+    propagate_mlp,
+)
+
+__all__ = [
+    "ActivationStore",
+    "BlockInputs",
+    "capture",
+    "forward_block",
+    "run_blocks",
+    "final_hidden",
+    "Prefix",
+    "StopForward",
+    "to_device",
+    "on_device",
+    "Gram",
+    "gram_of",
+    "collect_gram",
+    "propagate_mlp",
+    "lazy",
+]

@@ -14,7 +14,7 @@ import shlex
 import sys
 from typing import Any, NoReturn
 
-from tyr.config import PRESET_NAMES, PruneConfig, check_keys, load_config_file, parse_set
+from tyr.config import PRESET_NAMES, PruneConfig, check_keys, load_config_file, options, parse_set
 from tyr.errors import UserError
 
 __all__ = ["main"]
@@ -33,42 +33,15 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument(
         "model", nargs="?", help="hub id, HF directory or .gguf file (default: embedded SmolLM2-135M)"
     )
-    p.add_argument("--sparsity", type=float, help="fraction of decoder-block parameters to remove, in (0, 1)")
-    p.add_argument("--out", help="output directory (written atomically)")
-    p.add_argument("--method", help="tyr (default: global search) or uniform (same fraction per block)")
-    p.add_argument("--iterations", type=int, help="coarse-to-fine iterations")
-    p.add_argument("--generations", type=int, help="generations per iteration")
-    p.add_argument("--offspring", type=int, help="offspring per generation")
-    p.add_argument("--stage-tokens", help="selection tokens per stage, e.g. 512,2048,8192")
-    p.add_argument("--survivors", help="survivors per stage, e.g. 4,2,1")
-    p.add_argument("--levels", type=int, help="candidates per sub-layer (odd, default 9)")
-    p.add_argument("--kl-topk", type=int, help="teacher logits kept per position")
-    p.add_argument("--accumulation", help="expectation (default), centre or none")
-    p.add_argument(
-        "--genome", help="apply a per-sub-layer genome (JSON or a tyr result.json) without searching"
-    )
-    p.add_argument("--preset", choices=PRESET_NAMES, help="data sizes (auto: quick under 1B on CPU)")
+    for name, kind, text in options():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
     p.add_argument("--config", dest="config_file", help="YAML or JSON file of options")
     p.add_argument(
         "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one option"
-    )
-    p.add_argument("--calib", help="wiki (default), a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]")
-    p.add_argument("--calib-tokens", type=int, help="calibration tokens")
-    p.add_argument("--seq-len", type=int, help="sequence length")
-    p.add_argument("--eval-tokens", type=int, help="held-out perplexity tokens")
-    p.add_argument("--no-eval", action="store_true", help="skip perplexity")
-    p.add_argument("--saliency", help="obs_block (default) or paper")
-    p.add_argument("--schedule", help="rounds (default) or per_step")
-    p.add_argument("--gqa", help="free (default) or uniform")
-    p.add_argument("--workdir", help="work files (default $TYR_HOME/runs/<hash>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--dtype", help="float32 (default) or bfloat16")
-    p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, help="seed")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run Python code that the input checkpoint ships (off: only transformers' own classes)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 

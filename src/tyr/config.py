@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tyr.errors import UserError
+from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES
+from tyr.supernet import ACCUMULATIONS
 
-__all__ = ["PruneConfig", "PRESETS", "Sizes", "load_config_file", "parse_set", "resolve_preset"]
+__all__ = ["PruneConfig", "PRESETS", "Sizes", "options", "load_config_file", "parse_set", "resolve_preset"]
 
 METHODS = ("tyr", "uniform")
 PRESET_NAMES = ("auto", "smoke", "quick", "paper")
@@ -71,13 +73,18 @@ def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PruneConfig:
     sparsity: float = field(metadata=_meta("fraction of decoder-block parameters to remove, in (0, 1)"))
-    out: str = field(metadata=_meta("output directory"))
+    out: str = field(metadata=_meta("output directory (written atomically)"))
     model: str | None = field(default=None, metadata=_meta("hub id, HF directory or .gguf; None = embedded"))
     method: str = field(
         default="tyr", metadata=_meta("tyr = global search; uniform = same fraction per block", METHODS)
     )
-    preset: str = field(default="auto", metadata=_meta("data sizes", PRESET_NAMES))
-    calib: str = field(default="wiki", metadata=_meta("calibration source"))
+    preset: str = field(
+        default="auto", metadata=_meta("data sizes (auto: quick under 1B parameters on CPU)", PRESET_NAMES)
+    )
+    calib: str = field(
+        default="wiki",
+        metadata=_meta("calibration source: wiki, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG][:SPLIT]"),
+    )
     calib_tokens: int | None = field(default=None, metadata=_meta("calibration tokens"))
     seq_len: int | None = field(default=None, metadata=_meta("sequence length for calibration and eval"))
     calib_sample: str = field(
@@ -96,19 +103,19 @@ class PruneConfig:
     levels: int = field(default=9, metadata=_meta("candidates per sub-layer (odd)"))
     kl_topk: int | None = field(default=None, metadata=_meta("teacher logits kept per position"))
     accumulation: str = field(
-        default="expectation",
-        metadata=_meta("error accumulation in the supernet", ("expectation", "centre", "none")),
+        default=ACCUMULATIONS[0], metadata=_meta("error accumulation in the supernet", ACCUMULATIONS)
     )
     genome: str | None = field(
-        default=None, metadata=_meta("apply this per-sub-layer genome (JSON), no search")
+        default=None,
+        metadata=_meta("apply a per-sub-layer genome (JSON or a tyr result.json) without searching"),
     )
-    saliency: str = field(default="obs_block", metadata=_meta("group saliency", ("obs_block", "paper")))
-    schedule: str = field(default="rounds", metadata=_meta("FFN removal schedule", ("rounds", "per_step")))
-    gqa: str = field(default="free", metadata=_meta("GQA head structure", ("free", "uniform")))
+    saliency: str = field(default=SALIENCIES[0], metadata=_meta("group saliency", SALIENCIES))
+    schedule: str = field(default=SCHEDULES[0], metadata=_meta("FFN removal schedule", SCHEDULES))
+    gqa: str = field(default=GQA_MODES[0], metadata=_meta("GQA head structure", GQA_MODES))
     solver: str = field(
         default="obs", metadata=_meta("obs = Hessian pruner; magnitude = baseline", ("obs", "magnitude"))
     )
-    damp: float = field(default=0.01, metadata=_meta("Hessian damping relative to mean(diag H)"))
+    damp: float = field(default=DAMP, metadata=_meta("Hessian damping relative to mean(diag H)"))
     batch_size: int | None = field(default=None, metadata=_meta("sequences per forward"))
     offload: str = field(default="cpu", metadata=_meta("where block activations live", ("cpu", "disk")))
     workdir: str | None = field(default=None, metadata=_meta("work files; default $TYR_HOME/runs/<hash>"))
@@ -159,7 +166,7 @@ class PruneConfig:
                 "stage_tokens and survivors need the same number of entries", "e.g. 512,2048 and 4,1"
             )
         if not self.damp > 0:
-            raise UserError(f"damp={self.damp} must be positive", "the default is 0.01")
+            raise UserError(f"damp={self.damp} must be positive", f"the default is {DAMP}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,6 +219,25 @@ def _int_list(key: str, value: str | None) -> tuple[int, ...] | None:
         ) from exc
     if not out or any(x <= 0 for x in out):
         raise UserError(f"{key}={value!r} needs positive integers", "e.g. 512,2048,8192")
+    return out
+
+
+def options() -> list[tuple[str, type, str]]:
+    """(name, type, help) of every option but the model, for the command line: the help and
+    the choices come from the field metadata, the type from the annotation."""
+    out = []
+    for f in fields(PruneConfig):
+        if f.name == "model":
+            continue
+        kind = _field_types()[f.name]
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        text = f.metadata["help"]
+        if f.metadata.get("choices"):
+            text += f": {', '.join(f.metadata['choices'])}"
+        if f.default not in (None, False, dataclasses.MISSING):
+            text += f" (default {f.default})"
+        out.append((f.name, kind, text))
     return out
 
 

@@ -10,6 +10,7 @@ from tyr.local.gqa import (
     uniform_structures,
 )
 from tyr.local.solver import (
+    DAMP,
     SALIENCIES,
     SCHEDULES,
     OBSState,
@@ -31,6 +32,7 @@ from tyr.local.solver import (
 )
 
 __all__ = [
+    "DAMP",
     "SALIENCIES",
     "SCHEDULES",
     "Problem",

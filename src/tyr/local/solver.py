@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DAMP",
     "SALIENCIES",
     "SCHEDULES",
     "Problem",
@@ -41,8 +42,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SALIENCIES = ("obs_block", "paper")
+SALIENCIES = ("obs_block", "paper")  # the first is the default
 SCHEDULES = ("rounds", "per_step")
+DAMP = 0.01  # λ = DAMP·mean(diag H) (§4.1)
 _TINY = 1e-12
 
 
@@ -88,7 +90,7 @@ class Problem:
         return self._hinv
 
 
-def make_problem(W: Tensor, H: Tensor, *, damp: float = 0.01, dtype: torch.dtype | None = None) -> Problem:
+def make_problem(W: Tensor, H: Tensor, *, damp: float = DAMP, dtype: torch.dtype | None = None) -> Problem:
     """Zero dead rows, damp H by λ = damp·mean(diag H) and form G = H_d·W (§4.1).
 
     The solver works in fp64 on the CPU (cheap there) and in fp32 on an accelerator (§4.9).
@@ -362,11 +364,11 @@ def solve(
     size: int,
     r: int,
     *,
-    saliency: str = "obs_block",
-    schedule: str = "rounds",
+    saliency: str = SALIENCIES[0],
+    schedule: str = SCHEDULES[0],
     rounds: int = 16,
     per_step: int = 16,
-    damp: float = 0.01,
+    damp: float = DAMP,
     dtype: torch.dtype | None = None,
 ) -> Solution:
     """Remove r of the W.shape[0]/size groups: progressive OBS removal, then the final refit."""
@@ -381,8 +383,8 @@ def solve_problem(
     size: int,
     r: int,
     *,
-    saliency: str = "obs_block",
-    schedule: str = "rounds",
+    saliency: str = SALIENCIES[0],
+    schedule: str = SCHEDULES[0],
     rounds: int = 16,
     per_step: int = 16,
     consume: bool = False,

@@ -114,51 +114,22 @@ def search_prune(
         store = Store(workdir / "supernet", t, ident)
         dist.barrier()  # every rank sees the same files from here on
         built = time.perf_counter()
-        loaded = store.load_all(genes)
-        if loaded is not None:  # a finished supernet: no forward pass needed
+        loaded = store.load_all(genes)  # a finished supernet needs no forward pass
+        if loaded is not None:
             cands = loaded
         else:
             inputs = capture(model, spec, batches, device, offload, workdir)
             try:
-                cands = build(
-                    model,
-                    spec,
-                    shape,
-                    inputs,
-                    subs,
-                    store,
-                    opt.supernet,
-                    device,
-                    desc=f"supernet {t}/{opt.iterations}",
-                )
+                desc = f"supernet {t}/{opt.iterations}"
+                cands = build(model, spec, shape, inputs, subs, store, opt.supernet, device, desc=desc)
             finally:
                 inputs.close()
         built = time.perf_counter() - built
 
-        saved = store.dir / "search.json"
         searched = time.perf_counter()
-        if saved.is_file():  # this iteration's search finished before: reuse its result
-            done = json.loads(saved.read_text())
-            best, fitness_log, scored = (
-                tuple(done["genome"]),
-                done["parent_fitness"],
-                done.get("tokens_scored"),
-            )
-        else:
-            best, fitness_log, scored = _evolve_resumable(
-                store.dir / "search.ckpt.json",
-                _space(genes, subs, cands, target_attn, tol),
-                LiveModel(model, spec, shape, genes, cands, store, device),
-                calib,
-                teacher,
-                opt,
-                t,
-                batch_size,
-            )
-            if dist.is_main():
-                atomic_json(
-                    saved, {"genome": list(best), "parent_fitness": fitness_log, "tokens_scored": scored}
-                )
+        space = _space(genes, subs, cands, target_attn, tol)
+        live = LiveModel(model, spec, shape, genes, cands, store, device)
+        best, fitness_log, scored = _search_once(store, space, live, calib, teacher, opt, t, batch_size)
         log_rows.append(
             {
                 "step_attn": steps["attn"],
@@ -177,13 +148,42 @@ def search_prune(
             centres_by_gene = budget.recentre(centres_by_gene, genes, best, steps)
 
     assert store is not None
+    return _plans(shape, genes, best, cands, store), log_rows
+
+
+def _plans(
+    shape: Shape, genes: list[Gene], genome: Genome, cands: dict[Gene, list[Candidate]], store: Store
+) -> list[LayerPlan | None]:
+    """The per-block plans of `genome`: each gene's stored candidate at its level."""
+    chosen = {g: next(c for c in cands[g] if c.level == k) for g, k in zip(genes, genome, strict=True)}
     plans: list[LayerPlan | None] = []
-    chosen = {g: next(c for c in cands[g] if c.level == k) for g, k in zip(genes, best, strict=True)}
-    for b in range(L):
+    for b in range(shape.n_layers):
         a, m = chosen[Gene(b, "attn")], chosen[Gene(b, "mlp")]
         heads = budget.layout(a.kept, shape.n_q, shape.n_kv)
         plans.append(LayerPlan(heads, m.kept, store.weight(a).clone(), store.weight(m).clone()))
-    return plans, log_rows
+    return plans
+
+
+def _search_once(
+    store: Store,
+    space: Space,
+    live: LiveModel,
+    calib: Tensor,
+    teacher: TeacherCache,
+    opt: SearchOptions,
+    t: int,
+    batch_size: int,
+) -> tuple[Genome, list[float], int | None]:
+    """Iteration t's search, or its saved result when it finished before."""
+    saved = store.dir / "search.json"
+    if saved.is_file():
+        done = json.loads(saved.read_text())
+        return tuple(done["genome"]), done["parent_fitness"], done.get("tokens_scored")
+    ckpt = store.dir / "search.ckpt.json"
+    best, fitness_log, scored = _evolve_resumable(ckpt, space, live, calib, teacher, opt, t, batch_size)
+    if dist.is_main():
+        atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log, "tokens_scored": scored})
+    return best, fitness_log, scored
 
 
 def read_genome(path: str, config: Any) -> dict[str, list[int]]:

@@ -15,6 +15,10 @@ from tyr import arch
 from tyr.arch import ArchSpec
 from tyr.budget import Shape, allocate, layout, uniform_attn_target
 from tyr.local import (
+    DAMP,
+    GQA_MODES,
+    SALIENCIES,
+    SCHEDULES,
     Solution,
     magnitude_order,
     make_problem,
@@ -32,11 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SolverOptions:
-    saliency: str = "obs_block"
-    schedule: str = "rounds"
-    gqa: str = "free"
+    saliency: str = SALIENCIES[0]
+    schedule: str = SCHEDULES[0]
+    gqa: str = GQA_MODES[0]
     solver: str = "obs"  # "magnitude": baseline ranking by weight norm, no compensation, no refit
-    damp: float = 0.01
+    damp: float = DAMP
 
 
 def _solve_mlp(W: Tensor, H: Tensor, r: int, opt: SolverOptions) -> Solution:

@@ -25,7 +25,7 @@ from tyr.arch import ArchSpec
 from tyr.budget import Gene, Shape, SubLayer, attn_removed, attn_target, layout, mlp_removed
 from tyr.errors import UserError
 from tyr.infra import atomic_json, atomic_write, dist, sha256_file
-from tyr.local import make_problem, prune_attention, solve_problem
+from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES, make_problem, prune_attention, solve_problem
 from tyr.modeling import compact_cols, expand_cols
 from tyr.stream import BlockInputs, collect_gram, forward_block, on_device, propagate_mlp, to_device
 
@@ -40,7 +40,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ACCUMULATIONS = ("expectation", "centre", "none")
+ACCUMULATIONS = ("expectation", "centre", "none")  # the first is the default
 SCHEMA_VERSION = 1
 
 
@@ -160,11 +160,11 @@ class Store:
 
 @dataclass(frozen=True)
 class SupernetOptions:
-    saliency: str = "obs_block"
-    schedule: str = "rounds"
-    gqa: str = "free"
-    damp: float = 0.01
-    accumulation: str = "expectation"
+    saliency: str = SALIENCIES[0]
+    schedule: str = SCHEDULES[0]
+    gqa: str = GQA_MODES[0]
+    damp: float = DAMP
+    accumulation: str = ACCUMULATIONS[0]
 
 
 def _attn_candidates(

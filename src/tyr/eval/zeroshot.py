@@ -13,8 +13,6 @@ scored in one right-padded batch; that gives the same numbers as scoring each op
 from __future__ import annotations
 
 import datetime
-import functools
-import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tyr import arch
+from tyr.compat import cache_kwarg
 from tyr.data import tasks as taskdata
 from tyr.data import windows
 from tyr.errors import UserError
@@ -52,12 +51,6 @@ def _split(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
-@functools.cache
-def _cache_kwarg(cls: Any) -> str:
-    """The forward's name for the KV cache (`cache` in newer transformers)."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def _score_context(model: nn.Module, ctx: list[int], conts: list[list[int]], device: str) -> list[float]:
     """Summed log-probabilities of each continuation after one shared context."""
@@ -77,7 +70,7 @@ def _score_context(model: nn.Module, ctx: list[int], conts: list[list[int]], dev
         if len(c) > 1:
             batch[i, : len(c) - 1] = torch.tensor(c[:-1])
     cls: Any = type(model)
-    logp = torch.log_softmax(model(batch, **{_cache_kwarg(cls): cache}).logits.float(), dim=-1)
+    logp = torch.log_softmax(model(batch, **{cache_kwarg(cls): cache}).logits.float(), dim=-1)
     for i, c in enumerate(conts):
         if len(c) > 1:
             target = torch.tensor(c[1:], device=device)

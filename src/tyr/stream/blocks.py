@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tyr import arch
 from tyr.arch import ArchSpec
+from tyr.compat import layer_output
 from tyr.stream import lazy
 
 __all__ = [
@@ -221,9 +222,8 @@ def capture(
 
 
 def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """One decoder layer; isolates the tuple-vs-tensor output difference between versions."""
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    """One decoder layer's output hidden states."""
+    return layer_output(layer(hidden, **kwargs))
 
 
 def _home(module: nn.Module) -> torch.device | None:

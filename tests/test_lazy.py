@@ -41,24 +41,26 @@ def _eager(d, dtype=torch.float32):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lazy_model_computes_what_the_loaded_one_does(tmp_path, family):
     d = _checkpoint(tmp_path, family)
-    model = _lazy(d, tmp_path)
-    if family == "phi3":  # fused checkpoint names: tyr loads it whole (tyr.models.load_lazy)
-        assert model is None or arch.spec_for(model).qkv is not None
+    state = _lazy(d, tmp_path)
+    if family == "phi3":  # fused checkpoint names: tyr loads it whole (tyr.loader.load_lazy)
+        assert state is None or arch.spec_for(state.module).qkv is not None
         return
-    assert model is not None, family
-    eager = _eager(d)
+    assert state is not None, family
+    model, eager = state.module, _eager(d)
     spec = arch.spec_for(model)
     assert all(p.is_meta for layer in arch.layers(model, spec) for p in layer.parameters())
+    assert not any(name.startswith("_tyr") for m in model.modules() for name in vars(m))  # no hidden state
     ids = calib_ids(seed=2, n=4, T=20)
-    got = perplexity(model, spec, ids, batch_size=2)
+    got = perplexity(model, spec, ids, batch_size=2, lazy=state)
     assert got == perplexity(eager, spec, ids, batch_size=2)  # bf16 → fp32 is exact: same bits
-    assert fingerprint(model) == fingerprint(eager)
+    assert fingerprint(model, state) == fingerprint(eager)
     assert all(p.is_meta for layer in arch.layers(model, spec) for p in layer.parameters())
 
 
 def test_at_most_one_block_is_in_memory(tmp_path, monkeypatch):
     d = _checkpoint(tmp_path)
-    model = _lazy(d, tmp_path)
+    state = _lazy(d, tmp_path)
+    model = state.module
     blocks = arch.layers(model)
     most = []
     real = lazy._materialize
@@ -68,7 +70,7 @@ def test_at_most_one_block_is_in_memory(tmp_path, monkeypatch):
         most.append(sum(not next(b.parameters()).is_meta for b in blocks))
 
     monkeypatch.setattr(lazy, "_materialize", counting)
-    perplexity(model, arch.spec_for(model), calib_ids(n=4), batch_size=2)
+    perplexity(model, arch.spec_for(model), calib_ids(n=4), batch_size=2, lazy=state)
     assert len(most) == len(blocks) and max(most) == 1
 
 
@@ -83,7 +85,7 @@ def test_lazy_uniform_prune_exports_the_same_model(tmp_path, monkeypatch):
     real = tyr.api.load_lazy
     monkeypatch.setattr(tyr.api, "load_lazy", lambda *a: used.append(real(*a)) or used[-1])
     streamed = tyr.prune(str(d), sparsity=0.5, out=tmp_path / "lazy", workdir=str(tmp_path / "w1"), **common)
-    assert used and used[0] is not None and lazy.is_lazy(used[0])
+    assert used and isinstance(used[0], lazy.LazyModel)
     monkeypatch.setattr(tyr.api, "load_lazy", lambda *a: None)
     whole = tyr.prune(str(d), sparsity=0.5, out=tmp_path / "whole", workdir=str(tmp_path / "w2"), **common)
 
@@ -99,11 +101,11 @@ def test_lazy_uniform_prune_exports_the_same_model(tmp_path, monkeypatch):
 
 def test_sharded_save_loads_like_one_file(tmp_path):
     d = _checkpoint(tmp_path, dtype=torch.float32)
-    model = _lazy(d, tmp_path)
+    state = _lazy(d, tmp_path)
     one, many = tmp_path / "one", tmp_path / "many"
     one.mkdir(), many.mkdir()
-    lazy.save(model, one)
-    lazy.save(model, many, max_shard_bytes=20_000)
+    state.save(one)
+    state.save(many, max_shard_bytes=20_000)
     index = json.loads((many / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     whole = load_file(one / "model.safetensors")

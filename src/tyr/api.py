@@ -26,7 +26,7 @@ from tyr.infra import assets, atomic_json, check_options, dist, fsync_tree, lock
 from tyr.loader import Opened, fingerprint, load_lazy, load_weights, open_model
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
-from tyr.stream import capture
+from tyr.stream import LazyModel, capture
 from tyr.supernet import SupernetOptions
 
 __all__ = ["Result", "prune"]
@@ -183,28 +183,34 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     t = clock.add("load", clock.start)
     calib, heldout = _data(run, asked)
     t = clock.add("calibration", t)
-    model = _weights(run, workdir)
+    model, lazy = _weights(run, workdir)
     shape = arch.shape_of(model, spec)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
     if dist.is_main():
         check_options(workdir, asked.work_options(), record=True)
     _log_model(run, shape, dense_block)
     clock.add("load", t)
-    ppl = _dense_ppl(run, model, heldout, clock) if heldout is not None else None
+    ppl = _dense_ppl(run, model, lazy, heldout, clock) if heldout is not None else None
 
-    plans, search_log = _prune(run, model, shape, calib, workdir, clock)
+    plans, search_log = _prune(run, model, lazy, shape, calib, workdir, clock)
     if not dist.is_main():
         return Result(out, {})
 
     t = time.perf_counter()
-    apply_plans(model, plans, spec, shape)
+    apply_plans(model, plans, spec, shape, lazy)
     pruned_block, pruned_total = arch.count_block_params(model, spec), arch.count_total_params(model)
-    save_pruned(model, run.opened.tokenizer, plans, shape, tmp)
-    verify_export(model, tmp, calib[:1, : min(64, run.seq_len)])
+    save_pruned(model, run.opened.tokenizer, plans, shape, tmp, lazy=lazy)
+    verify_export(model, tmp, calib[:1, : min(64, run.seq_len)], lazy)
     t = clock.add("export", t)
     if ppl is not None and heldout is not None:
         ppl["pruned"] = perplexity(
-            model, spec, heldout, batch_size=run.sizes.batch_size, device=cfg.device, desc="pruned perplexity"
+            model,
+            spec,
+            heldout,
+            batch_size=run.sizes.batch_size,
+            device=cfg.device,
+            desc="pruned perplexity",
+            lazy=lazy,
         )
         clock.add("eval", t)
 
@@ -284,16 +290,18 @@ def _data(run: _Opened, asked: PruneConfig) -> tuple[torch.Tensor, torch.Tensor 
     return calib, windows(cfg.eval_data, "heldout", tok, run.sizes.eval_tokens, run.seq_len, explicit, None)
 
 
-def _weights(run: _Opened, workdir: Path) -> nn.Module:
-    """The uniform prune reads one block at a time from the checkpoint; the search holds the
-    whole model."""
+def _weights(run: _Opened, workdir: Path) -> tuple[nn.Module, LazyModel | None]:
+    """The model, and its lazy state when its blocks stay on disk: the uniform prune reads one
+    block at a time from the checkpoint; the search holds the whole model."""
     cfg = run.cfg
     spill = workdir / "stream"
     shutil.rmtree(spill, ignore_errors=True)  # what a killed uniform run left
-    model = None
+    lazy = None
     if cfg.method == "uniform" and dist.is_main():
-        model = load_lazy(run.opened, getattr(torch, cfg.dtype), spill)
-    return model if model is not None else load_weights(run.opened, getattr(torch, cfg.dtype))
+        lazy = load_lazy(run.opened, getattr(torch, cfg.dtype), spill)
+    if lazy is not None:
+        return lazy.module, lazy
+    return load_weights(run.opened, getattr(torch, cfg.dtype)), None
 
 
 def _log_model(run: _Opened, shape: Shape, dense_block: int) -> None:
@@ -309,11 +317,13 @@ def _log_model(run: _Opened, shape: Shape, dense_block: int) -> None:
     )
 
 
-def _dense_ppl(run: _Opened, model: nn.Module, heldout: torch.Tensor, clock: _Clock) -> record.Ppl:
+def _dense_ppl(
+    run: _Opened, model: nn.Module, lazy: LazyModel | None, heldout: torch.Tensor, clock: _Clock
+) -> record.Ppl:
     """The dense model's held-out perplexity, computed once per model and setting (cached)."""
     cfg, t = run.cfg, time.perf_counter()
     key = {
-        "model": fingerprint(model),
+        "model": fingerprint(model, lazy),
         "source": cfg.eval_data,
         "tokens": heldout.numel(),
         "seq_len": run.seq_len,
@@ -329,6 +339,7 @@ def _dense_ppl(run: _Opened, model: nn.Module, heldout: torch.Tensor, clock: _Cl
             batch_size=run.sizes.batch_size,
             device=cfg.device,
             desc="dense perplexity",
+            lazy=lazy,
         ),
     )
     clock.add("eval", t)
@@ -336,7 +347,13 @@ def _dense_ppl(run: _Opened, model: nn.Module, heldout: torch.Tensor, clock: _Cl
 
 
 def _prune(
-    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path, clock: _Clock
+    run: _Opened,
+    model: nn.Module,
+    lazy: LazyModel | None,
+    shape: Shape,
+    calib: torch.Tensor,
+    workdir: Path,
+    clock: _Clock,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]] | None]:
     """The method: per-block plans and, for `tyr`, the search log. The search is shared by
     every rank; the uniform prune is rank 0's alone (the others get no plans)."""
@@ -349,13 +366,14 @@ def _prune(
         return plans, search_log
     if not dist.is_main():
         return [], None
-    inputs = capture(model, spec, list(calib.split(run.sizes.batch_size)), cfg.device, cfg.offload, workdir)
+    batches = list(calib.split(run.sizes.batch_size))
+    inputs = capture(model, spec, batches, cfg.device, cfg.offload, workdir, lazy=lazy)
     t = clock.add("calibration", t)
     try:
         opt = SolverOptions(
             saliency=cfg.saliency, schedule=cfg.schedule, gqa=cfg.gqa, solver=cfg.solver, damp=cfg.damp
         )
-        plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device)
+        plans = prune_uniform(model, spec, shape, inputs, cfg.sparsity, opt, cfg.device, lazy)
     finally:
         inputs.close()
     clock.add("prune", t)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from tyr import arch
 from tyr.arch import ArchSpec
-from tyr.stream import capture, on_device, run_blocks
+from tyr.stream import LazyModel, capture, on_device, run_blocks
 
 __all__ = ["LOGIT_ELEMENTS", "nll_sum", "perplexity"]
 
@@ -50,14 +50,16 @@ def perplexity(
     batch_size: int = 8,
     device: str = "cpu",
     desc: str = "perplexity",
+    lazy: LazyModel | None = None,
 ) -> float:
-    """PPL of non-overlapping windows [n, L], one block at a time."""
+    """PPL of non-overlapping windows [n, L], one block at a time (`lazy`: the state of a model
+    whose blocks are read from disk)."""
     batches = list(windows.split(batch_size))
-    inputs = capture(model, spec, batches, device)
+    inputs = capture(model, spec, batches, device, lazy=lazy)
     bar = tqdm(total=len(arch.layers(model, spec)), desc=desc, unit="block", leave=False)
     norm, head = arch.get_module(model, spec.final_norm), arch.get_module(model, spec.lm_head)
     try:
-        run_blocks(model, spec, inputs, device, on_block=lambda _: bar.update())
+        run_blocks(model, spec, inputs, device, on_block=lambda _: bar.update(), lazy=lazy)
         total, count = 0.0, 0
         with on_device(norm, device), on_device(head, device):
             for i, ids in enumerate(batches):

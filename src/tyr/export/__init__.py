@@ -7,6 +7,7 @@ from tyr.export.checkpoint import (
     MODELING,
     export_config,
     load,
+    load_lazy,
     modeling_sha256,
     save_pruned,
     verify_export,
@@ -22,4 +23,5 @@ __all__ = [
     "write_card",
     "load",
     "verify_export",
+    "load_lazy",
 ]

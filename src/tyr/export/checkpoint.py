@@ -21,7 +21,8 @@ from torch import nn
 from tyr import arch
 from tyr.errors import UserError
 from tyr.modeling import LayerPlan, modeling_tyr, plans_metadata
-from tyr.stream import final_hidden, lazy
+from tyr.stream import LazyModel, final_hidden
+from tyr.stream import lazy as lazy_weights
 
 __all__ = [
     "FORMAT",
@@ -32,6 +33,7 @@ __all__ = [
     "write_card",
     "load",
     "verify_export",
+    "load_lazy",
 ]
 
 FORMAT = "tyr.pruned/1"
@@ -86,13 +88,14 @@ def save_pruned(
     shape: arch.Shape,
     dest: Path,
     *,
+    lazy: LazyModel | None = None,
     max_shard_size: str = "5GB",
 ) -> None:
     """Write the checkpoint (everything but the model card, which needs the run's numbers)."""
     dest.mkdir(parents=True, exist_ok=True)
     hf_model: Any = model
-    if lazy.is_lazy(model):  # tensor by tensor from the block files
-        lazy.save(model, dest)
+    if lazy is not None:  # tensor by tensor from the block files
+        lazy.save(dest)
         if hf_model.generation_config is not None:
             hf_model.generation_config.save_pretrained(dest)
     else:
@@ -119,12 +122,26 @@ def _read_config(path: Path) -> Any:
         ) from exc
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, lazy_spill: Path | None = None) -> nn.Module:
-    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode; with
-    `lazy_spill`, as a lazy model (:mod:`tyr.lazy`) when the checkpoint allows it."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode."""
+    path = Path(path).expanduser()
+    _, cls, kwargs = _model_class(path, dtype)
+    return cls.from_pretrained(path, **kwargs).eval()
+
+
+def load_lazy(path: Path, dtype: torch.dtype, spill: Path) -> LazyModel | None:
+    """:func:`load` as a lazy model (:mod:`tyr.stream.lazy`), changed blocks spilled under
+    `spill`; None when the checkpoint does not allow it."""
+    config, cls, kwargs = _model_class(path, dtype)
+    attn = kwargs["attn_implementation"]
+    return lazy_weights.load(path, config, cls, dtype, spill, attn_implementation=attn)
+
+
+def _model_class(path: Path, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]]:
+    """The config of the checkpoint in `path`, the class that loads it (tyr's modeling class
+    for a pruned one) and its ``from_pretrained`` keywords."""
     import transformers
 
-    path = Path(path).expanduser()
     config = _read_config(path)
     spec = arch.spec_for_config(config)
     kwargs: dict[str, Any] = {
@@ -141,24 +158,19 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, lazy_spill: Path 
     if meta is not None:
         name = (getattr(config, "architectures", None) or [spec.architectures[0]])[0]
         cls = getattr(modeling_tyr, f"Tyr{name}")
-    if lazy_spill is not None:
-        found = lazy.load(
-            path, config, cls, dtype, lazy_spill, attn_implementation=kwargs["attn_implementation"]
-        )
-        if found is not None:
-            return found
-    return cls.from_pretrained(path, **kwargs).eval()
+    return config, cls, kwargs
 
 
 @torch.inference_mode()
-def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
+def verify_export(model: nn.Module, path: Path, ids: torch.Tensor, lazy: LazyModel | None = None) -> None:
     """Reload what was written through ``from_pretrained`` and check it against the in-memory
     pruned model: the same parameter counts and the same logits on a short batch (docs/architecture.md §3.4).
     A lazy model is compared block by block on its final hidden states instead (its LM head is
     written as read, and a full forward would bring every weight into memory at once)."""
     dtype = next(model.parameters()).dtype
-    streamed = lazy.is_lazy(model)
-    again = load(path, dtype=dtype, lazy_spill=path / ".verify" if streamed else None)
+    streamed = lazy is not None
+    again_lazy = load_lazy(path, dtype, path / ".verify") if streamed else None
+    again = again_lazy.module if again_lazy is not None else load(path, dtype=dtype)
     try:
         for count in (arch.count_block_params, arch.count_total_params):
             if count(again) != count(model):
@@ -166,7 +178,8 @@ def verify_export(model: nn.Module, path: Path, ids: torch.Tensor) -> None:
         if streamed:
             spec = arch.spec_for(model)
             what = "final hidden states"
-            ref, got = final_hidden(model, spec, ids).float(), final_hidden(again, spec, ids).float()
+            ref = final_hidden(model, spec, ids, lazy=lazy).float()
+            got = final_hidden(again, spec, ids, lazy=again_lazy).float()
         else:
             what, ref, got = "logits", model(ids).logits.float(), again(ids).logits.float()
     finally:

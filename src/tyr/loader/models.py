@@ -18,7 +18,8 @@ from tyr import arch
 from tyr.errors import UserError
 from tyr.infra import assets
 from tyr.modeling import unfuse
-from tyr.stream import lazy
+from tyr.stream import LazyModel
+from tyr.stream import lazy as lazy_weights
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -192,15 +193,15 @@ def load_weights(opened: Opened, dtype: torch.dtype = torch.float32) -> nn.Modul
     return unfuse(model, opened.spec).eval()
 
 
-def load_lazy(opened: Opened, dtype: torch.dtype, spill: Path) -> nn.Module | None:
-    """The model as a lazy model (:mod:`tyr.lazy`: one block in memory at a time, changed blocks
-    spilled under `spill`), or None when its checkpoint is not a local safetensors one with the
+def load_lazy(opened: Opened, dtype: torch.dtype, spill: Path) -> LazyModel | None:
+    """The model as a lazy model (:mod:`tyr.stream.lazy`: one block in memory at a time, changed
+    blocks spilled under `spill`), or None when its checkpoint is not a local safetensors one with the
     modules' own names (then :func:`load_weights`)."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(opened.where, Path) or opened.spec.qkv or opened.spec.gate_up:
         return None
-    return lazy.load(
+    return lazy_weights.load(
         opened.where,
         opened.config,
         AutoModelForCausalLM,
@@ -217,12 +218,14 @@ def load_model(name: str | None, dtype: torch.dtype = torch.float32) -> Loaded:
     return Loaded(load_weights(opened, dtype), opened.tokenizer, opened.name, opened.spec)
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's weights: names, shapes and a strided sample of values."""
+def fingerprint(model: nn.Module, lazy: LazyModel | None = None) -> str:
+    """A cheap identity of a model's weights: names, shapes and a strided sample of values
+    (`lazy`: the state of a model whose blocks are on disk; the same identity as loaded whole)."""
     h = hashlib.sha256()
     for key, t in model.state_dict(keep_vars=True).items():
         if t.is_meta:  # a lazy model's tensor on disk: the same values, read where they lie
-            sample = lazy.sample(model, key, t)
+            assert lazy is not None, f"{key} is on the meta device and no lazy state was given"
+            sample = lazy.sample(key, t)
         else:
             flat = t.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()

@@ -27,7 +27,7 @@ from tyr.local import (
     solve,
 )
 from tyr.modeling import LayerPlan
-from tyr.stream import BlockInputs, collect_gram, lazy, on_device, propagate_mlp
+from tyr.stream import BlockInputs, LazyModel, collect_gram, editing, on_device, propagate_mlp
 
 __all__ = ["SolverOptions", "prune_uniform"]
 
@@ -61,21 +61,22 @@ def prune_uniform(
     sparsity: float,
     opt: SolverOptions,
     device: str = "cpu",
+    lazy: LazyModel | None = None,
 ) -> list[LayerPlan | None]:
     """Prune every block in place (masked: refitted o_proj/down_proj with zero columns) and
     return the per-block plans. `inputs` (block-0 inputs) are consumed: on return they hold the
-    pruned model's final hidden states. A lazy model (:mod:`tyr.lazy`) is read and written one
+    pruned model's final hidden states. A lazy model (`lazy`, :mod:`tyr.stream.lazy`) is read and written one
     block at a time."""
     alloc = allocate(shape, sparsity)
     # A lazy model is pruned in the low-memory way throughout: the MLP's d_ff-wide intermediate
     # activations, 4× the hidden states, wait on disk while down_proj is solved.
-    streamed = lazy.is_lazy(model)
+    streamed = lazy is not None
     attn_left = alloc.attn_params
     plans: list[LayerPlan | None] = []
     blocks = arch.layers(model, spec)
     with tqdm(total=len(blocks), desc="pruning blocks", unit="block") as bar:
         for b, layer in enumerate(blocks):
-            with lazy.editing(layer), on_device(layer, device):
+            with editing(layer, lazy), on_device(layer, device, lazy):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 # Attention: target the remaining budget spread evenly over the remaining blocks.
                 target = uniform_attn_target(attn_left, len(blocks) - b)

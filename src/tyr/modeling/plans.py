@@ -20,7 +20,7 @@ from tyr.arch import ArchSpec
 from tyr.budget import HeadLayout, Shape, layout
 from tyr.modeling.modeling_tyr import TyrAttention, TyrMLP, activation, attention_extras
 from tyr.modeling.surgery import compact_cols, expand_cols, slice_gate_up, slice_qkv
-from tyr.stream import lazy
+from tyr.stream import LazyModel, editing
 
 __all__ = [
     "LayerPlan",
@@ -114,12 +114,19 @@ def set_mlp(
     setattr(mlp, spec.down, _linear(down_compact.to(dense.down.weight), down_bias))
 
 
-def apply_plans(model: nn.Module, plans: list[LayerPlan | None], spec: ArchSpec, shape: Shape) -> nn.Module:
-    """Replace each planned block's projections by physically smaller ones (in place)."""
+def apply_plans(
+    model: nn.Module,
+    plans: list[LayerPlan | None],
+    spec: ArchSpec,
+    shape: Shape,
+    lazy: LazyModel | None = None,
+) -> nn.Module:
+    """Replace each planned block's projections by physically smaller ones (in place; a block
+    of a lazy model is read, changed and spilled)."""
     for idx, (layer, plan) in enumerate(zip(arch.layers(model, spec), plans, strict=True)):
         if plan is None:
             continue
-        with lazy.editing(layer):
+        with editing(layer, lazy):
             a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
             o, down = plan.consumers(a.o.weight.data, m.down.weight.data, shape.head_dim)
             set_attention(layer, spec, shape, idx, a, plan.heads, o)

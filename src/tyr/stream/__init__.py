@@ -17,6 +17,7 @@ from tyr.stream.blocks import (
     run_blocks,
     to_device,
 )
+from tyr.stream.lazy import LazyModel, editing, resident
 from tyr.stream.stats import (
     Gram,
     collect_gram,
@@ -39,5 +40,8 @@ __all__ = [
     "gram_of",
     "collect_gram",
     "propagate_mlp",
+    "LazyModel",
+    "editing",
+    "resident",
     "lazy",
 ]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tyr import arch
 from tyr.arch import ArchSpec
 from tyr.compat import layer_output
-from tyr.stream import lazy
+from tyr.stream import lazy as lazy_mod
 
 __all__ = [
     "ActivationStore",
@@ -160,9 +160,11 @@ def capture(
     device: torch.device | str = "cpu",
     offload: str = "cpu",
     offload_root: Path | None = None,
+    lazy: lazy_mod.LazyModel | None = None,
 ) -> BlockInputs:
     """Run the embedding stage for each token batch [b, T] and keep block 0's inputs and kwargs
-    (and, for families mixing attention types, the kwargs of the first block of each type)."""
+    (and, for families mixing attention types, the kwargs of the first block of each type).
+    `lazy`: the state of `model` when its blocks are read from disk (:mod:`tyr.stream.lazy`)."""
     base = _base_model(model, spec)
     blocks = arch.layers(model, spec)
     types = layer_types(model)
@@ -175,7 +177,7 @@ def capture(
         m.to(device)
     held = contextlib.ExitStack()
     for b in range(stop_at):
-        held.enter_context(on_device(blocks[b], device))
+        held.enter_context(on_device(blocks[b], device, lazy))
 
     seen: dict[str, dict[str, Any]] = {}
     first_hidden: list[Tensor] = []
@@ -215,7 +217,8 @@ def capture(
         for m, home in zip(front, homes, strict=True):
             if home is not None:
                 m.to(home)
-        lazy.drop_pages(model)  # the embedding rows the lookups brought in
+        if lazy is not None:
+            lazy.drop_pages()  # the embedding rows the lookups brought in
     if types is None:
         return BlockInputs(store, all_kwargs)
     return BlockInputs(store, all_kwargs, by_type, {id(blk): t for blk, t in zip(blocks, types, strict=True)})
@@ -233,11 +236,13 @@ def _home(module: nn.Module) -> torch.device | None:
 
 
 @contextlib.contextmanager
-def on_device(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+def on_device(
+    module: nn.Module, device: torch.device | str, lazy: lazy_mod.LazyModel | None = None
+) -> Iterator[nn.Module]:
     """Hold one block on the compute device for the duration of the block's work, then put it
     back where it was (a block of a lazy model is read from disk first and dropped afterwards,
-    see :mod:`tyr.lazy`)."""
-    with lazy.resident(module):
+    see :mod:`tyr.stream.lazy`)."""
+    with lazy_mod.resident(module, lazy):
         home, dev = _home(module), torch.device(device)
         if home is None or (home.type == dev.type and dev.index in (None, home.index)):
             yield module
@@ -255,11 +260,12 @@ def run_blocks(
     inputs: BlockInputs,
     device: torch.device | str = "cpu",
     on_block: Callable[[int], None] | None = None,
+    lazy: lazy_mod.LazyModel | None = None,
 ) -> BlockInputs:
     """Propagate the stored inputs through every block, in place; returns the final hidden states."""
     with torch.inference_mode():
         for b, layer in enumerate(arch.layers(model, spec)):
-            with on_device(layer, device):
+            with on_device(layer, device, lazy):
                 for i in range(len(inputs)):
                     kw = to_device(inputs.kwargs_for(layer, i), device)
                     inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kw)
@@ -274,9 +280,16 @@ class Prefix:
     on a branch, so that models sharing their first blocks share that work (the search's
     parent-activation reuse, docs/algorithm.md §7.8)."""
 
-    def __init__(self, model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str) -> None:
-        self.spec, self.device = spec, device
-        inputs = capture(model, spec, [ids], device)
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ArchSpec,
+        ids: Tensor,
+        device: torch.device | str,
+        lazy: lazy_mod.LazyModel | None = None,
+    ) -> None:
+        self.spec, self.device, self.lazy = spec, device, lazy
+        inputs = capture(model, spec, [ids], device, lazy=lazy)
         try:
             self.hidden, self.depth = inputs.hidden[0].to(device), 0
             # Each block's kwargs (one per attention type), on the device once.
@@ -293,7 +306,7 @@ class Prefix:
     def _run(self, model: nn.Module, hidden: Tensor, blocks: range) -> Tensor:
         layers = arch.layers(model, self.spec)
         for b in blocks:
-            with on_device(layers[b], self.device):
+            with on_device(layers[b], self.device, self.lazy):
                 hidden = forward_block(layers[b], hidden, self._kwargs[b])
         return hidden
 
@@ -311,7 +324,13 @@ class Prefix:
             return norm(hidden)
 
 
-def final_hidden(model: nn.Module, spec: ArchSpec, ids: Tensor, device: torch.device | str = "cpu") -> Tensor:
+def final_hidden(
+    model: nn.Module,
+    spec: ArchSpec,
+    ids: Tensor,
+    device: torch.device | str = "cpu",
+    lazy: lazy_mod.LazyModel | None = None,
+) -> Tensor:
     """The final norm's output on one batch of `ids`, the blocks visiting `device` one at a time
     (the model stays where it is); returned where `ids` are."""
-    return Prefix(model, spec, ids, device).final(model).to(ids.device)
+    return Prefix(model, spec, ids, device, lazy).final(model).to(ids.device)

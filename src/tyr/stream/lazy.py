@@ -1,17 +1,19 @@
 """Weights read from disk one block at a time, so that host memory holds one block, not the model.
 
-A lazy model is the stock model built on the meta device, with
-- each decoder block's tensors read from the checkpoint (safetensors) when the block is used
-  (:func:`resident`, :func:`editing`) and dropped afterwards; a block that was changed is
-  written to a spill file first, which becomes its source;
-- the input embedding (and an untied LM head) as a memory map of an fp32 file, so a lookup
-  brings in only the rows of the tokens it sees (:func:`drop_pages` lets them go again);
-- the final norm and the computed buffers (rotary tables, embedding scales) in memory (small).
+:func:`load` returns a :class:`LazyModel`: the stock model built on the meta device
+(:attr:`LazyModel.module`) and the state that says where its tensors are, held by that object
+and by nothing else:
+- each decoder block's tensors are read from the checkpoint (safetensors) when the block is
+  used (:meth:`LazyModel.resident`, :meth:`LazyModel.editing`) and dropped afterwards; a block
+  that was changed is written to a spill file first, which becomes its source;
+- the input embedding (and an untied LM head) is a memory map of an fp32 file, so a lookup
+  brings in only the rows of the tokens it sees (:meth:`LazyModel.drop_pages` lets them go);
+- the final norm and the computed buffers (rotary tables, embedding scales) are in memory.
 
-Streaming code (:mod:`tyr.stream`) works on it unchanged; :func:`save` writes it as a
-safetensors checkpoint tensor by tensor. Checkpoints whose names differ from the modules
-(Phi-3's fused projections) or whose blocks carry computed buffers load whole instead
-(:func:`load` returns None).
+The streaming, export and fingerprinting code takes the object as an optional `lazy` argument
+(None: a model in memory); :meth:`LazyModel.save` writes the model tensor by tensor.
+Checkpoints whose names differ from the modules (Phi-3's fused projections) or whose blocks
+carry computed buffers load whole instead (:func:`load` returns None).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 
 from tyr import arch
 
-__all__ = ["Checkpoint", "load", "is_lazy", "resident", "editing", "drop_pages", "save", "sample"]
+__all__ = ["Checkpoint", "LazyModel", "load", "resident", "editing"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -49,7 +51,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_ATTR = "_tyr_lazy"  # on a block: its Source; on the model: its Checkpoint
 _CHUNK = 64 << 20  # bytes per read when a tensor is copied in pieces
 
 
@@ -182,21 +183,87 @@ class Source:
     users: int = 0
 
 
-def is_lazy(model: nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+class LazyModel:
+    """A model whose decoder blocks stay on disk until used: `module` (built on the meta
+    device, except the embedding, the final norm and the computed buffers), the checkpoint it
+    reads and, per block, where that block's tensors are now."""
 
+    def __init__(self, module: nn.Module, checkpoint: Checkpoint, sources: list[Source]) -> None:
+        self.module = module
+        self.checkpoint = checkpoint
+        self.sources = sources  # one per decoder block, in order
+        blocks = arch.layers(module)
+        self._by_block = {id(layer): src for layer, src in zip(blocks, sources, strict=True)}
 
-def drop_pages(model: nn.Module) -> None:
-    """:meth:`Checkpoint.drop_pages` of a lazy model's mapped tensors; a no-op otherwise."""
-    ckpt: Checkpoint | None = getattr(model, _ATTR, None)
-    if ckpt is not None:
-        ckpt.drop_pages()
+    def source(self, module: nn.Module) -> Source | None:
+        """The source of a decoder block of this model; None for any other module."""
+        return self._by_block.get(id(module))
+
+    @contextlib.contextmanager
+    def resident(self, module: nn.Module) -> Iterator[nn.Module]:
+        """A block's tensors in memory for the duration (read from disk, dropped on exit unless
+        an outer context still uses them). A no-op for any module but a decoder block."""
+        src = self.source(module)
+        if src is None:
+            yield module
+            return
+        if src.users == 0:
+            _materialize(module, src)
+        src.users += 1
+        try:
+            yield module
+        finally:
+            src.users -= 1
+            if src.users == 0:
+                module.to("meta")
+                _trim()
+
+    @contextlib.contextmanager
+    def editing(self, layer: nn.Module) -> Iterator[nn.Module]:
+        """Like :meth:`resident`, for code that changes the block: on a normal exit its new
+        tensors are written to the block's spill file, which becomes its source."""
+        src = self.source(layer)
+        with self.resident(layer):
+            yield layer
+            if src is not None:
+                src.spill.parent.mkdir(parents=True, exist_ok=True)
+                tmp = src.spill.with_name(src.spill.name + ".tmp")
+                _write_shard(tmp, [(k, v, None) for k, v in layer.state_dict().items()])
+                tmp.replace(src.spill)
+                src.checkpoint, src.prefix = Checkpoint([src.spill]), ""
+
+    def drop_pages(self) -> None:
+        """:meth:`Checkpoint.drop_pages` of the mapped tensors, and the freed heap trimmed."""
+        self.checkpoint.drop_pages()
         _trim()
+
+    def sample(self, name: str, t: Tensor, count: int = 64) -> Tensor:
+        """:meth:`Checkpoint.sample` of the tensor `name` (a tied alias reads its twin)."""
+        if name not in self.checkpoint:
+            state = self.module.state_dict(keep_vars=True)
+            name = next(n for n, v in state.items() if v is t and n in self.checkpoint)
+        return self.checkpoint.sample(name, count)
+
+    def save(self, dest: Path, max_shard_bytes: int = 5 << 30) -> None:
+        """Write the model's tensors as safetensors in `dest` (sharded above `max_shard_bytes`,
+        with an index, as ``save_pretrained`` does), one tensor in memory at a time. A tensor
+        tied to an earlier one is stored once, under the earlier name."""
+        _save(self, dest, max_shard_bytes)
+
+
+def resident(module: nn.Module, lazy: LazyModel | None) -> contextlib.AbstractContextManager[nn.Module]:
+    """:meth:`LazyModel.resident` of `lazy`; for a model in memory (None), a no-op."""
+    return lazy.resident(module) if lazy is not None else contextlib.nullcontext(module)
+
+
+def editing(layer: nn.Module, lazy: LazyModel | None) -> contextlib.AbstractContextManager[nn.Module]:
+    """:meth:`LazyModel.editing` of `lazy`; for a model in memory (None), a no-op."""
+    return lazy.editing(layer) if lazy is not None else contextlib.nullcontext(layer)
 
 
 def load(
     where: Path, config: Any, cls: Any, dtype: torch.dtype, spill: Path, **kwargs: Any
-) -> nn.Module | None:
+) -> LazyModel | None:
     """`cls` (a model class or ``AutoModelForCausalLM``) for `config` as a lazy model over the
     checkpoint in `where`, spilling changed blocks under `spill`; None when that is not possible
     (no safetensors, names that differ from the modules, unknown computed buffers)."""
@@ -243,15 +310,12 @@ def load(
             setattr(module, attr, value)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    for i, layer in enumerate(blocks):
-        setattr(
-            layer,
-            _ATTR,
-            Source(ckpt, f"{spec.layers}.{i}.", spill / "blocks" / f"blk{i:04d}.safetensors", dtype),
-        )
-    setattr(model, _ATTR, ckpt)
+    sources = [
+        Source(ckpt, f"{spec.layers}.{i}.", spill / "blocks" / f"blk{i:04d}.safetensors", dtype)
+        for i in range(len(blocks))
+    ]
     _trim()  # the pieces read while converting the embedding
-    return model
+    return LazyModel(model, ckpt, sources)
 
 
 @functools.cache
@@ -289,58 +353,10 @@ def _materialize(layer: nn.Module, src: Source) -> None:
         p.requires_grad_(False)
 
 
-@contextlib.contextmanager
-def resident(layer: nn.Module) -> Iterator[nn.Module]:
-    """The block's tensors in memory for the duration (read from disk when the block is lazy,
-    dropped on exit unless an outer context still uses them). A no-op for a loaded block."""
-    src: Source | None = getattr(layer, _ATTR, None)
-    if src is None:
-        yield layer
-        return
-    if src.users == 0:
-        _materialize(layer, src)
-    src.users += 1
-    try:
-        yield layer
-    finally:
-        src.users -= 1
-        if src.users == 0:
-            layer.to("meta")
-            _trim()
-
-
-@contextlib.contextmanager
-def editing(layer: nn.Module) -> Iterator[nn.Module]:
-    """Like :func:`resident`, for code that changes the block: on a normal exit its new tensors
-    are written to the block's spill file, which becomes its source."""
-    src: Source | None = getattr(layer, _ATTR, None)
-    with resident(layer):
-        yield layer
-        if src is not None:
-            src.spill.parent.mkdir(parents=True, exist_ok=True)
-            tmp = src.spill.with_name(src.spill.name + ".tmp")
-            _write_shard(tmp, [(k, v, None) for k, v in layer.state_dict().items()])
-            tmp.replace(src.spill)
-            src.checkpoint, src.prefix = Checkpoint([src.spill]), ""
-
-
-def sample(model: nn.Module, name: str, t: Tensor, count: int = 64) -> Tensor:
-    """:meth:`Checkpoint.sample` of a lazy model's tensor `name` (a tied alias reads its twin)."""
-    ckpt: Checkpoint = getattr(model, _ATTR)
-    if name not in ckpt:
-        name = next(n for n, v in model.state_dict(keep_vars=True).items() if v is t and n in ckpt)
-    return ckpt.sample(name, count)
-
-
-def save(model: nn.Module, dest: Path, max_shard_bytes: int = 5 << 30) -> None:
-    """Write a lazy model's tensors as safetensors in `dest` (sharded above `max_shard_bytes`,
-    with an index, as ``save_pretrained`` does), one tensor in memory at a time. A tensor tied
-    to an earlier one is stored once, under the earlier name."""
+def _save(lazy: LazyModel, dest: Path, max_shard_bytes: int) -> None:
+    model, ckpt = lazy.module, lazy.checkpoint
     spec = arch.spec_for(model)
-    ckpt: Checkpoint = getattr(model, _ATTR)
-    owners = [
-        (f"{spec.layers}.{i}.", getattr(layer, _ATTR)) for i, layer in enumerate(arch.layers(model, spec))
-    ]
+    owners = [(f"{spec.layers}.{i}.", src) for i, src in enumerate(lazy.sources)]
     seen: set[int] = set()
     items: list[tuple[str, Tensor, Any]] = []  # (name, meta or real tensor, (checkpoint, key) or None)
     for name, t in model.state_dict(keep_vars=True).items():

@@ -301,7 +301,7 @@ def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, superne
     """(bytes, phase) of the largest host-memory phase, block activations kept in memory.
 
     `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
-    safetensors checkpoint (tyr.lazy) and keeps the MLP's intermediate activations on disk."""
+    safetensors checkpoint (tyr.stream.lazy) and keeps the MLP's intermediate activations on disk."""
     shape = dims.shape
     weights = dims.total * dtype_bytes
     if method != "tyr":

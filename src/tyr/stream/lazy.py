@@ -129,7 +129,7 @@ class Checkpoint:
 
     def sample(self, name: str, count: int = 64) -> Tensor:
         """flat[::step][:count] as fp32, step = max(1, numel // count), read element by element
-        (what :func:`tyr.models.fingerprint` samples from a loaded tensor)."""
+        (what :func:`tyr.loader.fingerprint` samples from a loaded tensor)."""
         e = self.entries[name]
         total, size = math.prod(e.shape), _itemsize(e.dtype)
         step = max(1, total // count)

@@ -55,6 +55,48 @@ def test_packages_import_each_other_only_through_their_exports() -> None:
     assert not bad, "\n".join(bad)
 
 
+def _may_import() -> dict[str, set[str]]:
+    """docs/architecture.md §2's table: each package or module and the tyr names it may import
+    ("everything above": the rows before it; "everything": all; `errors` everywhere)."""
+    table: dict[str, set[str]] = {}
+    for line in (DOCS / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        names = [n.strip("`/ ") for n in cells[0].split(",")]
+        allowed = re.sub(r"\(.*?\)", "", cells[2])
+        if allowed.strip() == "everything above":
+            may = set(table)
+        elif allowed.strip() == "everything":
+            may = {"*"}
+        else:
+            may = {w.strip() for w in allowed.split(",") if w.strip() not in ("", "—")}
+        for name in names:
+            table[name] = may | {"errors"}
+    return table
+
+
+def test_packages_import_only_what_the_architecture_doc_allows() -> None:
+    table = _may_import()
+    modules = {p.name for p in SRC.iterdir() if p.suffix == ".py" and p.stem != "__init__"}
+    assert set(PACKAGES) | {m.removesuffix(".py") for m in modules} <= set(table) | {"__main__"}
+    bad = []
+    for path in _modules():
+        rel = path.relative_to(SRC)
+        own = rel.parts[0].removesuffix(".py")
+        if own not in table or "*" in table[own]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tyr."):
+                used = [node.module.split(".")[1]]  # type: ignore[union-attr]
+            elif isinstance(node, ast.ImportFrom) and node.module == "tyr":
+                used = [alias.name for alias in node.names]
+            else:
+                continue
+            bad += [f"{rel}:{node.lineno} imports tyr.{u}" for u in used if u != own and u not in table[own]]
+    assert not bad, "not in docs/architecture.md §2:\n" + "\n".join(bad)
+
+
 def test_the_budget_and_the_search_space_import_no_torch() -> None:
     for name in ("budget.py", "search/space.py", "search/evolution.py"):
         tree = ast.parse((SRC / name).read_text())

@@ -10,7 +10,8 @@ from conftest import FAMILIES, calib_ids, pruned_pair, tiny_model
 
 from tyr import arch
 from tyr.budget import layout
-from tyr.export import load, save_pruned
+from tyr.export import save_pruned
+from tyr.loader import load
 from tyr.modeling import (
     LayerPlan,
     apply_plans,

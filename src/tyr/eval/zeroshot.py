@@ -119,8 +119,7 @@ def open_for_eval(
         return model.eval(), tokenizer, type(model).__name__
     from transformers import AutoTokenizer
 
-    from tyr.export import load
-    from tyr.loader import load_model
+    from tyr.loader import load, load_model
 
     if model is not None and (Path(str(model)).expanduser() / "config.json").is_file():
         path = Path(str(model)).expanduser()

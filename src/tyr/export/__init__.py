@@ -6,8 +6,6 @@ from tyr.export.checkpoint import (
     FORMAT,
     MODELING,
     export_config,
-    load,
-    load_lazy,
     modeling_sha256,
     save_pruned,
     verify_export,
@@ -21,7 +19,5 @@ __all__ = [
     "export_config",
     "save_pruned",
     "write_card",
-    "load",
     "verify_export",
-    "load_lazy",
 ]

@@ -1,10 +1,11 @@
-"""Write a pruned model as a self-contained Hugging Face checkpoint and load it back.
+"""Write a pruned model as a self-contained Hugging Face checkpoint and check it by reloading it.
 
 DIR holds the physically smaller tensors (``model.safetensors``, sharded when large), a
 ``config.json`` that describes every block's widths and maps ``AutoModelForCausalLM`` to the
 shipped ``modeling_tyr.py``, the tokenizer with its chat template, ``generation_config.json``
 and a model card. ``from_pretrained(DIR, trust_remote_code=True)`` loads it without tyr;
-:func:`load` loads it with tyr's own copy of the same modeling code, never the directory's.
+:func:`tyr.loader.load` loads it with tyr's own copy of the same modeling code, never the
+directory's, and :func:`verify_export` uses that to check what was written.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import torch
 from torch import nn
 
 from tyr import arch
-from tyr.errors import UserError
+from tyr.loader import load, load_pruned_lazy
 from tyr.modeling import LayerPlan, modeling_tyr, plans_metadata
 from tyr.stream import LazyModel, final_hidden
-from tyr.stream import lazy as lazy_weights
 
 __all__ = [
     "FORMAT",
@@ -31,9 +31,7 @@ __all__ = [
     "export_config",
     "save_pruned",
     "write_card",
-    "load",
     "verify_export",
-    "load_lazy",
 ]
 
 FORMAT = "tyr.pruned/1"
@@ -109,58 +107,6 @@ def save_pruned(
         tokenizer.save_pretrained(dest)
 
 
-def _read_config(path: Path) -> Any:
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json", "point at the --out of a finished tyr prune")
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}", "re-export it"
-        ) from exc
-
-
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a model exported by tyr (``tyr.load``), or a dense checkpoint, in eval mode."""
-    path = Path(path).expanduser()
-    _, cls, kwargs = _model_class(path, dtype)
-    return cls.from_pretrained(path, **kwargs).eval()
-
-
-def load_lazy(path: Path, dtype: torch.dtype, spill: Path) -> LazyModel | None:
-    """:func:`load` as a lazy model (:mod:`tyr.stream.lazy`), changed blocks spilled under
-    `spill`; None when the checkpoint does not allow it."""
-    config, cls, kwargs = _model_class(path, dtype)
-    attn = kwargs["attn_implementation"]
-    return lazy_weights.load(path, config, cls, dtype, spill, attn_implementation=attn)
-
-
-def _model_class(path: Path, dtype: torch.dtype) -> tuple[Any, Any, dict[str, Any]]:
-    """The config of the checkpoint in `path`, the class that loads it (tyr's modeling class
-    for a pruned one) and its ``from_pretrained`` keywords."""
-    import transformers
-
-    config = _read_config(path)
-    spec = arch.spec_for_config(config)
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "attn_implementation": arch.attn_implementation(config),
-        "trust_remote_code": False,
-    }
-    meta = getattr(config, "tyr", None)
-    cls: Any = transformers.AutoModelForCausalLM
-    if meta is not None and "names" not in meta:
-        raise UserError(
-            f"{path} was written by an older tyr (no block layout in config.json)", "prune it again"
-        )
-    if meta is not None:
-        name = (getattr(config, "architectures", None) or [spec.architectures[0]])[0]
-        cls = getattr(modeling_tyr, f"Tyr{name}")
-    return config, cls, kwargs
-
-
 @torch.inference_mode()
 def verify_export(model: nn.Module, path: Path, ids: torch.Tensor, lazy: LazyModel | None = None) -> None:
     """Reload what was written through ``from_pretrained`` and check it against the in-memory
@@ -169,7 +115,7 @@ def verify_export(model: nn.Module, path: Path, ids: torch.Tensor, lazy: LazyMod
     written as read, and a full forward would bring every weight into memory at once)."""
     dtype = next(model.parameters()).dtype
     streamed = lazy is not None
-    again_lazy = load_lazy(path, dtype, path / ".verify") if streamed else None
+    again_lazy = load_pruned_lazy(path, dtype, path / ".verify") if streamed else None
     again = again_lazy.module if again_lazy is not None else load(path, dtype=dtype)
     try:
         for count in (arch.count_block_params, arch.count_total_params):

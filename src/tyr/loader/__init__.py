@@ -1,9 +1,10 @@
 """Opening models: the embedded default, hub ids, Hugging Face directories and GGUF files;
-weights whole or block by block; a model's fingerprint.
+weights whole or block by block; checkpoints tyr exported; a model's fingerprint.
 """
 
 from __future__ import annotations
 
+from tyr.loader.checkpoint import load, load_pruned_lazy
 from tyr.loader.models import (
     DEFAULT_MODEL,
     Loaded,
@@ -28,4 +29,6 @@ __all__ = [
     "load_model",
     "gguf_to_hf",
     "fingerprint",
+    "load",
+    "load_pruned_lazy",
 ]

@@ -47,7 +47,9 @@ def test_exportsload_without_tyr(tmp_path, calib_txt, tiny_dir, gqa):
         outs.append(out)
     if gqa == "free":  # block 0 loses its whole attention and FFN; block 2 keeps one KV head
         genome = tmp_path / "genome.json"
-        genome.write_text(json.dumps({"attn": [6, 0, 4], "mlp": [37, 10, 0]}))
+        genome.write_text(
+            json.dumps({"q_heads": [0, 6, 2], "kv_heads": [0, 2, 1], "intermediate": [0, 27, 37]})
+        )
         out = tmp_path / "out-removed"
         res = _prune(tiny_dir, calib_txt, out, "--genome", str(genome), "--kl-topk", "16")
         assert res["layers"][0]["q_heads"] == 0 and res["layers"][0]["intermediate"] == 0

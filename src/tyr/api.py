@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tyr import __version__, arch, record
-from tyr.budget import Shape
+from tyr.budget import Shape, Widths
 from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
@@ -172,7 +172,7 @@ class _Opened:
     sizes: Sizes
     preset: str
     seq_len: int  # cfg.seq_len clipped to the model's context
-    centres: dict[str, list[int]] | None  # --genome: units removed per block
+    widths: Widths | None  # --genome: widths kept per block
 
 
 def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
@@ -263,7 +263,7 @@ def _open(asked: PruneConfig) -> _Opened:
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
     opened = open_model(asked.model, trust_remote_code=asked.trust_remote_code)
     cfg, preset, sizes = resolve_preset(asked, opened.param_count())
-    centres = read_genome(cfg.genome, opened.config) if cfg.genome and cfg.method == "tyr" else None
+    widths = read_genome(cfg.genome, opened.config, cfg.gqa) if cfg.genome and cfg.method == "tyr" else None
     seq_len = min(sizes.seq_len, int(getattr(opened.config, "max_position_embeddings", sizes.seq_len)))
     if seq_len < sizes.seq_len and asked.seq_len is not None:
         raise UserError(
@@ -274,7 +274,7 @@ def _open(asked: PruneConfig) -> _Opened:
         log.warning("seq_len %d exceeds the model's %d positions; using %d", sizes.seq_len, seq_len, seq_len)
     if dist.world() > 1 and dist.is_main():
         log.info("%d processes share the supernet solves and the search", dist.world())
-    return _Opened(opened, cfg, sizes, preset, seq_len, centres)
+    return _Opened(opened, cfg, sizes, preset, seq_len, widths)
 
 
 def _data(run: _Opened, asked: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -385,21 +385,21 @@ def _search(
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search (--method tyr), or the genome given by --genome; stage sizes are
     clipped to the calibration pool."""
-    cfg, sizes, centres = run.cfg, run.sizes, run.centres
+    cfg, sizes, widths = run.cfg, run.sizes, run.widths
     pool = calib.numel()
     stages = sizes.stage_tokens
     if max(stages) > pool:
         log.warning("selection stages %s exceed the %d calibration tokens; clipping", stages, pool)
         stages = tuple(min(s, pool) for s in stages)
-    if centres is not None:
+    if widths is not None:
         log.info("applying the genome of %s: one supernet level per sub-layer, no search", cfg.genome)
     opt = SearchOptions(
-        iterations=1 if centres else sizes.iterations,
+        iterations=1 if widths else sizes.iterations,
         generations=sizes.generations,
         offspring=sizes.offspring,
         stage_tokens=stages,
         survivors=sizes.survivors,
-        levels=1 if centres else sizes.levels,
+        levels=1 if widths else sizes.levels,
         kl_topk=sizes.kl_topk,
         seed=cfg.seed,
         supernet=SupernetOptions(
@@ -429,7 +429,7 @@ def _search(
         device=cfg.device,
         batch_size=sizes.batch_size,
         offload=cfg.offload,
-        centres=centres,
+        widths=widths,
     )
 
 

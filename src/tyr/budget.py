@@ -6,10 +6,12 @@ This module is the one home of that rule. The supernet, the search, `--method un
 rational arithmetic on a model's :class:`Shape`; it imports neither torch nor anything else of
 tyr.
 
-Units: an FFN unit is one intermediate neuron. An attention level counts *nominal* units of
-u_A = P_A(n_q, n_kv) / n_q real parameters (a query head's average share; exactly one head
-under MHA). A candidate then removes the query heads whose *real* removal is nearest the
-nominal target (§3.5).
+Units: an FFN unit is one intermediate neuron. An attention unit is 2·d·d_h real parameters:
+removing a query head frees one (its q_proj rows and o_proj columns), emptying a KV group frees
+one more (its k_proj and v_proj rows). An attention sub-layer has n_q + n_kv units, and a kept
+structure (q query heads over v KV heads) removes (n_q − q) + (n_kv − v) of them. Targets,
+centres and level steps are counted in these units; a count no structure removes exactly is
+realised by the nearest one that does (§3.5).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = [
     "Gene",
     "HeadLayout",
     "SubLayer",
-    "Allocation",
+    "Widths",
     "round_half_up",
     "spread",
     "layout",
@@ -33,6 +35,9 @@ __all__ = [
     "mlp_removed",
     "attn_unit",
     "attn_target",
+    "structures",
+    "attn_structures",
+    "allot",
     "type_totals",
     "initial_centres",
     "ffn_step_floor",
@@ -41,15 +46,12 @@ __all__ = [
     "level_range",
     "sublayers",
     "recentre",
-    "units_of_iteration",
     "candidate_units",
-    "allocate",
-    "uniform_attn_target",
 ]
 
 KINDS = ("attn", "mlp")
 DELTA_1 = Fraction(1, 8)  # Δ_1 = 12.5 % of a sub-layer's units per level step (§5.2)
-ATTN_STEP_FLOOR = 1  # one (nominal) head: heads are indivisible
+GQA_MODES = ("free", "uniform")  # the first is the default (§3.3, §3.4)
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,12 @@ class Shape:
         return 3 * d * f + 2 * f * self.mlp_bias + d * self.down_bias
 
     def units(self, kind: str) -> int:
-        """n: the units of one sub-layer of `kind` (query heads or neurons)."""
-        return self.n_q if kind == "attn" else self.intermediate
+        """n: the units of one sub-layer of `kind` (attention: n_q + n_kv; FFN: neurons)."""
+        return self.n_q + self.n_kv if kind == "attn" else self.intermediate
+
+    def attn_units_removed(self, q: int, v: int) -> int:
+        """Attention units removed by keeping q query heads over v KV heads."""
+        return self.n_q - q + self.n_kv - v
 
 
 @dataclass(frozen=True, order=True)
@@ -139,14 +145,54 @@ def mlp_removed(shape: Shape, kept: int) -> int:
     return shape.mlp_params(shape.intermediate) - shape.mlp_params(kept)
 
 
-def attn_unit(shape: Shape) -> Fraction:
-    """u_A: real parameters of one nominal attention unit, P_A(n_q, n_kv) / n_q (§3.5)."""
-    return Fraction(shape.attn_params(shape.n_q, shape.n_kv), shape.n_q)
+def attn_unit(shape: Shape) -> int:
+    """Real parameters of one attention unit, 2·d·d_h (biases aside)."""
+    return 2 * shape.hidden * shape.head_dim
 
 
 def attn_target(shape: Shape, units: int) -> int:
-    """The real-parameter removal that `units` nominal attention units ask for."""
-    return round(units * attn_unit(shape))
+    """The real-parameter removal that `units` attention units ask for: their share of the
+    sub-layer's P_A (units·2·d·d_h exactly without biases)."""
+    return round(Fraction(units * shape.attn_params(shape.n_q, shape.n_kv), shape.units("attn")))
+
+
+def structures(shape: Shape, mode: str = GQA_MODES[0]) -> dict[int, list[tuple[int, int]]]:
+    """Every structure (q, v) an attention sub-layer can keep, by the units it removes.
+
+    `free` (§3.3): q query heads over any v KV groups they can fill, ⌈q/g⌉ ≤ v ≤ min(q, n_kv);
+    `uniform` (§3.4): v whole groups of b heads each, q = v·b. q = 0 keeps nothing (0, 0)."""
+    if mode not in GQA_MODES:
+        raise ValueError(f"unknown gqa mode {mode!r}; expected one of {GQA_MODES}")
+    n_kv, g = shape.n_kv, shape.group
+    if mode == "free":
+        pairs = [(q, v) for q in range(1, shape.n_q + 1) for v in range(-(-q // g), min(q, n_kv) + 1)]
+    else:
+        pairs = [(v * b, v) for v in range(1, n_kv + 1) for b in range(1, g + 1)]
+    out: dict[int, list[tuple[int, int]]] = {}
+    for q, v in sorted([(0, 0), *pairs], reverse=True):  # most query heads first
+        out.setdefault(shape.attn_units_removed(q, v), []).append((q, v))
+    return dict(sorted(out.items()))
+
+
+def attn_structures(shape: Shape, units: int, mode: str = GQA_MODES[0]) -> list[tuple[int, int]]:
+    """The structures that remove the feasible unit count nearest `units` (ties: fewer)."""
+    table = structures(shape, mode)
+    return table[min(table, key=lambda r: (abs(r - units), r))]
+
+
+def allot(total: int, slots: int, feasible: Sequence[int]) -> list[int]:
+    """`total` units over `slots` slots, each slot a feasible count: slot b takes the feasible
+    count nearest what is left ÷ the slots left (ties: fewer), so the realised sum is corrected
+    slot by slot and is exact whenever the counts allow it. When every count is feasible this is
+    :func:`spread` (§2.4)."""
+    out: list[int] = []
+    left = total
+    for b in range(slots):
+        want = Fraction(left, slots - b)
+        pick = min(feasible, key=lambda r: (abs(r - want), r))
+        out.append(pick)
+        left -= pick
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +205,11 @@ def type_totals(shape: Shape, sparsity: float) -> dict[str, int]:
     return {kind: round_half_up(S * shape.units(kind) * L) for kind in KINDS}
 
 
-def initial_centres(shape: Shape, sparsity: float) -> dict[str, list[int]]:
-    """Units removed per block at the start of iteration 1: each kind's U spread evenly."""
-    return {kind: spread(total, shape.n_layers) for kind, total in type_totals(shape, sparsity).items()}
+def initial_centres(shape: Shape, sparsity: float, mode: str = GQA_MODES[0]) -> dict[str, list[int]]:
+    """Units removed per block at the start of iteration 1, and by `--method uniform`: each
+    kind's U spread evenly, attention over the counts that a structure of `mode` removes."""
+    totals, L = type_totals(shape, sparsity), shape.n_layers
+    return {"attn": allot(totals["attn"], L, list(structures(shape, mode))), "mlp": spread(totals["mlp"], L)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +226,18 @@ def step_units(n: int, iteration: int, floor: int, delta1: Fraction = DELTA_1) -
     return max(floor, round_half_up(n * delta1 / 2 ** (iteration - 1)))
 
 
+def attn_grain(shape: Shape) -> int:
+    """The smallest attention change: one unit (a query head) under GQA; two under MHA, where a
+    query head and its KV head go together."""
+    return 2 if shape.group == 1 else 1
+
+
 def steps(shape: Shape, iteration: int) -> dict[str, int]:
-    """Each kind's level step in iteration `iteration` (nominal units for attention)."""
+    """Each kind's level step in iteration `iteration`, in units; an attention step is a whole
+    number of grains (under MHA: the paper's steps in heads, §5.2)."""
+    grain = attn_grain(shape)
     return {
-        "attn": step_units(shape.n_q, iteration, ATTN_STEP_FLOOR),
+        "attn": grain * step_units(shape.units("attn") // grain, iteration, 1),
         "mlp": step_units(shape.intermediate, iteration, ffn_step_floor(shape.intermediate)),
     }
 
@@ -193,7 +249,9 @@ def level_range(centre: int, step: int, n: int, half: int = 4) -> tuple[int, int
 
 @dataclass(frozen=True)
 class SubLayer:
-    """One gene's candidates: level k removes centre + k·step (nominal) units of n."""
+    """One gene's candidates: level k removes centre + k·step units of n. `fixed`: the attention
+    structures (q, v) the level-0 candidate must choose from (`--genome`), else any of the
+    level's unit count."""
 
     gene: Gene
     n: int
@@ -201,6 +259,7 @@ class SubLayer:
     step: int
     low: int
     high: int
+    fixed: tuple[tuple[int, int], ...] = ()
 
     def units(self, level: int) -> int:
         return self.centre + level * self.step
@@ -229,22 +288,13 @@ def recentre(
     return {g: centres[g] + k * step[g.kind] for g, k in zip(genes, genome, strict=True)}
 
 
-def units_of_iteration(
-    centres: Sequence[int], genome: Sequence[int], step_attn: int, step_mlp: int
-) -> dict[str, list[int]]:
-    """Units removed per block that one logged iteration chose (genes interleaved attn, mlp)."""
-    step = {"attn": step_attn, "mlp": step_mlp}
-    counts = [c + k * step[KINDS[i % 2]] for i, (c, k) in enumerate(zip(centres, genome, strict=True))]
-    return {"attn": counts[0::2], "mlp": counts[1::2]}
-
-
 def candidate_units(
-    shape: Shape, sparsity: float, iteration: int, levels: int
+    shape: Shape, sparsity: float, iteration: int, levels: int, mode: str = GQA_MODES[0]
 ) -> list[tuple[str, list[int]]]:
     """For every sub-layer, (kind, units removed at each level) in iteration `iteration`,
     centred on the initial centres (later iterations re-centre on the search's result, unknown
     in advance). Kinds in turn: every block's attention, then every block's FFN."""
-    start = initial_centres(shape, sparsity)
+    start = initial_centres(shape, sparsity, mode)
     step = steps(shape, iteration)
     out: list[tuple[str, list[int]]] = []
     for kind in KINDS:
@@ -255,25 +305,27 @@ def candidate_units(
 
 
 # ---------------------------------------------------------------------------------------------
-# `--method uniform`: the same fraction in every block.
+# `--genome`: widths given per block.
 
 
 @dataclass(frozen=True)
-class Allocation:
-    """Per-type removal targets: real attention parameters in total, neurons per block."""
+class Widths:
+    """What `--genome` asks for, kept per block: query heads, KV heads (None: the solver picks
+    the structure with that many query heads), FFN neurons."""
 
-    attn_params: int  # U_A in real parameters, corrected block by block
-    mlp_neurons: list[int]  # r_b per block, summing to U_F = round_half_up(S·d_ff·L)
+    q_heads: tuple[int, ...]
+    kv_heads: tuple[int | None, ...]
+    intermediate: tuple[int, ...]
 
+    def attn_choices(self, shape: Shape, block: int, mode: str = GQA_MODES[0]) -> list[tuple[int, int]]:
+        """The structures block `block` may keep ([] when none of `mode` matches)."""
+        q, v = self.q_heads[block], self.kv_heads[block]
+        return [s for ss in structures(shape, mode).values() for s in ss if s[0] == q and v in (None, s[1])]
 
-def allocate(shape: Shape, sparsity: float) -> Allocation:
-    """The same fraction for every block, counted in real parameters (§2.4, §3.5)."""
-    S = Fraction(str(sparsity))
-    attn_total = shape.n_layers * shape.attn_params(shape.n_q, shape.n_kv)
-    return Allocation(round_half_up(S * attn_total), initial_centres(shape, sparsity)["mlp"])
-
-
-def uniform_attn_target(left: int, blocks_left: int) -> int:
-    """Block b's attention target: the real parameters still to remove, spread evenly over the
-    blocks still to prune, so that the realised total is corrected block by block."""
-    return round(left / blocks_left)
+    def centres(self, shape: Shape, mode: str = GQA_MODES[0]) -> dict[str, list[int]]:
+        """Units removed per block (attention: of the structure kept first among the choices)."""
+        attn = []
+        for b in range(shape.n_layers):
+            q, v = self.attn_choices(shape, b, mode)[0]
+            attn.append(shape.attn_units_removed(q, v))
+        return {"attn": attn, "mlp": [shape.intermediate - f for f in self.intermediate]}

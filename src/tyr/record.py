@@ -57,8 +57,8 @@ class Ppl(TypedDict, total=False):
 
 
 class Iteration(TypedDict):
-    step_attn: int
-    step_mlp: int
+    step_attn: int  # attention units of 2·d·d_h (a query head; a KV head emptied)
+    step_mlp: int  # neurons
     centres: list[int]  # units removed per gene, genes interleaved (attn, mlp) per block
     genome: list[int]  # the best level per gene
     parent_fitness: list[float]  # one per generation

@@ -5,9 +5,11 @@ progressive removal, refit) and the GQA attention solvers.
 from __future__ import annotations
 
 from tyr.local.gqa import (
+    EXHAUSTIVE_SUBSETS,
     GQA_MODES,
+    head_subsets,
     prune_attention,
-    uniform_structures,
+    subset_eps,
 )
 from tyr.local.solver import (
     DAMP,
@@ -52,6 +54,8 @@ __all__ = [
     "solution_for_kept",
     "magnitude_order",
     "GQA_MODES",
-    "uniform_structures",
+    "EXHAUSTIVE_SUBSETS",
+    "head_subsets",
+    "subset_eps",
     "prune_attention",
 ]

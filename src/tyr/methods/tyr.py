@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from tyr import budget
 from tyr.arch import ArchSpec
-from tyr.budget import KINDS, Gene, Shape, SubLayer
+from tyr.budget import KINDS, Gene, Shape, SubLayer, Widths
 from tyr.errors import UserError
 from tyr.infra import atomic_json, dist
 from tyr.modeling import LayerPlan
@@ -78,19 +78,19 @@ def search_prune(
     device: str = "cpu",
     batch_size: int = 8,
     offload: str = "cpu",
-    centres: dict[str, list[int]] | None = None,
+    widths: Widths | None = None,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search; returns the per-block plans of the final genome and the search log.
 
-    `centres` ({"attn": [...], "mlp": [...]}, units removed per block) replaces the uniform
-    starting point; with one iteration of one level it applies that genome without a search.
+    `widths` (`--genome`) replaces the uniform starting point, each block's attention held to
+    the structures it allows; with one iteration of one level it applies them without a search.
     """
-    L = shape.n_layers
+    L, mode = shape.n_layers, opt.supernet.gqa
     genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
-    initial = centres or budget.initial_centres(shape, sparsity)
+    initial = widths.centres(shape, mode) if widths else budget.initial_centres(shape, sparsity, mode)
     centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
     P_A = shape.attn_params(shape.n_q, shape.n_kv)
-    target_attn = float(budget.type_totals(shape, sparsity)["attn"] * budget.attn_unit(shape))  # real params
+    target_attn = float(budget.attn_target(shape, sum(initial["attn"])))  # real params
     tol = opt.gqa_budget_tol * L * P_A
     teacher = TeacherCache(
         workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
@@ -104,6 +104,9 @@ def search_prune(
         start = time.perf_counter()
         steps = budget.steps(shape, t)
         subs = budget.sublayers(shape, centres_by_gene, steps, opt.levels // 2)
+        if widths is not None and t == 1:
+            for g in genes[0::2]:
+                subs[g] = replace(subs[g], fixed=tuple(widths.attn_choices(shape, g.block, mode)))
         ident = {
             **identity,
             "iteration": t,
@@ -186,44 +189,56 @@ def _search_once(
     return best, fitness_log, scored
 
 
-def read_genome(path: str, config: Any) -> dict[str, list[int]]:
-    """Units removed per block from `--genome`: {"attn": [...], "mlp": [...]} (attention in query
-    heads), or a tyr result.json (its final search genome, or its per-layer widths). Checked
-    against the model's config before any work."""
+def read_genome(path: str, config: Any, mode: str) -> Widths:
+    """Per-block widths from `--genome`, checked against the model's config and the GQA mode
+    before any work: {"q_heads": [...], "kv_heads": [...], "intermediate": [...]} kept per
+    block ("kv_heads" optional), a tyr result.json (its layers, read the same way), or
+    {"attn": [query heads removed], "mlp": [neurons removed]} (the KV heads left to the solver)."""
     L, n_q, d_ff = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
     need = (
-        f'give {{"attn": [{L} head counts 0..{n_q}], "mlp": [{L} neuron counts 0..{d_ff}]}}'
-        " or a tyr result.json"
+        f'give {{"q_heads": [...], "kv_heads": [...], "intermediate": [...]}} kept per block ({L} each),'
+        f' {{"attn": [query heads removed], "mlp": [neurons removed]}} or a tyr result.json'
     )
     try:
         data = json.loads(Path(path).expanduser().read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read --genome {path}: {exc}", "give a JSON file") from exc
-    try:
-        if isinstance(data, dict) and data.get("search"):
-            last = data["search"]["iterations"][-1]
-            genome = budget.units_of_iteration(
-                last["centres"], last["genome"], last["step_attn"], last["step_mlp"]
-            )
-        elif isinstance(data, dict) and data.get("layers"):
-            genome = {
-                "attn": [n_q - r["q_heads"] for r in data["layers"]],
-                "mlp": [d_ff - r["intermediate"] for r in data["layers"]],
-            }
-        else:
-            genome = data
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise UserError(f"--genome {path} is a damaged tyr result ({exc!r})", need) from exc
-    if not isinstance(genome, dict):
+    if not isinstance(data, dict):
         raise UserError(f"--genome {path} is not a genome for this model", need)
-    for key, n in (("attn", n_q), ("mlp", d_ff)):
-        values = genome.get(key)
+
+    def counts(key: str, n: int, optional: bool = False) -> list[Any]:
+        values = data.get(key)
         if not isinstance(values, list) or len(values) != L:
             raise UserError(f"--genome {path}: {key!r} is not a list of {L} integers (one per block)", need)
         for b, x in enumerate(values):
-            if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= n:
+            if not (optional and x is None) and (
+                not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= n
+            ):
                 raise UserError(f"--genome {path}: {key}[{b}] = {x!r} is outside 0..{n}", need)
-    return {"attn": list(genome["attn"]), "mlp": list(genome["mlp"])}
+        return values
+
+    if "layers" in data:
+        rows = data["layers"]
+        try:
+            data = {k: [row[k] for row in rows] for k in ("q_heads", "kv_heads", "intermediate")}
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"--genome {path} is a damaged tyr result ({exc!r})", need) from exc
+    if "attn" in data or "mlp" in data:
+        q = [n_q - x for x in counts("attn", n_q)]
+        widths = Widths(tuple(q), (None,) * L, tuple(d_ff - x for x in counts("mlp", d_ff)))
+    else:
+        kv = counts("kv_heads", n_kv, optional=True) if "kv_heads" in data else [None] * L
+        widths = Widths(tuple(counts("q_heads", n_q)), tuple(kv), tuple(counts("intermediate", d_ff)))
+    heads = Shape(config.hidden_size, L, n_q, n_kv, 1, d_ff, False, False, False, False, False)  # counts only
+    for b in range(L):
+        if not widths.attn_choices(heads, b, mode):
+            raise UserError(
+                f"--genome {path}: block {b} keeps {widths.q_heads[b]} query heads over"
+                f" {widths.kv_heads[b]} KV heads, which --gqa {mode} cannot",
+                "give counts a structure allows (uniform: whole KV groups of equal size)",
+            )
+    return widths
 
 
 def _evolve_resumable(

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from tyr import arch
 from tyr.arch import ArchSpec
-from tyr.budget import Shape, allocate, layout, uniform_attn_target
+from tyr.budget import Shape, attn_structures, initial_centres, layout
 from tyr.local import (
     DAMP,
     GQA_MODES,
@@ -67,39 +67,33 @@ def prune_uniform(
     return the per-block plans. `inputs` (block-0 inputs) are consumed: on return they hold the
     pruned model's final hidden states. A lazy model (`lazy`, :mod:`tyr.stream.lazy`) is read and written one
     block at a time."""
-    alloc = allocate(shape, sparsity)
+    centres = initial_centres(shape, sparsity, opt.gqa)  # the search's level 0
     # A lazy model is pruned in the low-memory way throughout: the MLP's d_ff-wide intermediate
     # activations, 4× the hidden states, wait on disk while down_proj is solved.
     streamed = lazy is not None
-    attn_left = alloc.attn_params
     plans: list[LayerPlan | None] = []
     blocks = arch.layers(model, spec)
     with tqdm(total=len(blocks), desc="pruning blocks", unit="block") as bar:
         for b, layer in enumerate(blocks):
             with editing(layer, lazy), on_device(layer, device, lazy):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
-                # Attention: target the remaining budget spread evenly over the remaining blocks.
-                target = uniform_attn_target(attn_left, len(blocks) - b)
                 H_A = collect_gram(layer, a.o, inputs, device).H
                 sol_a = prune_attention(
                     make_problem(a.o.weight.T, H_A, damp=opt.damp),
                     shape,
-                    target,
+                    attn_structures(shape, centres["attn"][b], opt.gqa),
                     mode=opt.gqa,
                     saliency=opt.saliency,
                     magnitude=opt.solver == "magnitude",
                 )
                 heads = layout(sol_a.kept.tolist(), shape.n_q, shape.n_kv)
-                attn_left -= shape.attn_params(shape.n_q, shape.n_kv) - shape.attn_params(
-                    len(heads.kept_q), len(heads.kept_kv)
-                )
                 a.o.weight.copy_(sol_a.weight.T.to(a.o.weight))
 
                 # Pass 2 (sequential): down_proj statistics under the pruned attention.
                 solved: list[Solution] = []
 
                 def choose(H: Tensor, m=m, b=b, solved=solved) -> Tensor:
-                    solved.append(_solve_mlp(m.down.weight.T, H, alloc.mlp_neurons[b], opt))
+                    solved.append(_solve_mlp(m.down.weight.T, H, centres["mlp"][b], opt))
                     return solved[0].weight.T
 
                 propagate_mlp(

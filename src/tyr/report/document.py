@@ -406,7 +406,7 @@ def _search(res: dict[str, Any]) -> list[str]:
         )
     header = [
         "iteration",
-        "step (heads / channels)",
+        "step (attention units / channels)",
         "generations",
         "first parent KL",
         "final parent KL",

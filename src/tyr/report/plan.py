@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from tyr import arch
-from tyr.budget import Shape, candidate_units
+from tyr.budget import Shape, attn_structures, candidate_units
 from tyr.config import PruneConfig, Sizes, resolve_preset
 from tyr.errors import UserError
 from tyr.eval import LOGIT_ELEMENTS
@@ -216,9 +216,9 @@ def decode_params_read(dims: Dims, removed: int) -> int:
 def candidate_bytes(shape: Shape, kind: str, removed: int, dtype_bytes: int) -> int:
     """One candidate file: the compact consumer weight [hidden, kept·unit] and int32 indices."""
     if kind == "attn":
-        kept = shape.n_q - removed
+        kept, kept_kv = attn_structures(shape, removed)[0]  # the structure of most query heads
         weight = shape.hidden * kept * shape.head_dim
-        indices = kept + min(shape.n_kv, kept)  # kept query heads, kept KV heads (at most)
+        indices = kept + kept_kv
     else:
         kept = shape.intermediate - removed
         weight = shape.hidden * kept

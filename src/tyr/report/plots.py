@@ -66,7 +66,7 @@ def plot_fitness(iterations: list[dict[str, Any]], path: Path) -> None:
     for k, it in enumerate(iterations, 1):
         ys = [float(y) for y in it.get("parent_fitness") or []]
         xs = list(range(start + 1, start + len(ys) + 1))
-        label = f"iteration {k} (step {it.get('step_attn', '?')} h / {it.get('step_mlp', '?')} ch)"
+        label = f"iteration {k} (step {it.get('step_attn', '?')} u / {it.get('step_mlp', '?')} ch)"
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
         if k > 1:
             ax.axvline(start + 0.5, color="grey", linewidth=0.8, linestyle=":")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tyr import arch
 from tyr.arch import ArchSpec
-from tyr.budget import Gene, Shape, SubLayer, attn_removed, attn_target, layout, mlp_removed
+from tyr.budget import Gene, Shape, SubLayer, attn_removed, attn_structures, layout, mlp_removed
 from tyr.errors import UserError
 from tyr.infra import atomic_json, atomic_write, dist, sha256_file
 from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES, make_problem, prune_attention, solve_problem
@@ -47,7 +47,7 @@ SCHEMA_VERSION = 1
 @dataclass
 class Candidate:
     level: int
-    units: int  # nominal units asked for
+    units: int  # units asked for (attention: of 2·d·d_h)
     kept: tuple[int, ...]  # kept heads or neurons, ascending
     kept_kv: tuple[int, ...]  # kept KV heads (attention only)
     removed_params: int  # real parameters removed
@@ -173,8 +173,8 @@ def _attn_candidates(
     problem = make_problem(o.weight.T, H, damp=opt.damp)
 
     def solve(k: int) -> Candidate:
-        target = attn_target(shape, sub.units(k))
-        sol = prune_attention(problem, shape, target, mode=opt.gqa, saliency=opt.saliency)
+        options = list(sub.fixed) if sub.fixed and k == 0 else attn_structures(shape, sub.units(k), opt.gqa)
+        sol = prune_attention(problem, shape, options, mode=opt.gqa, saliency=opt.saliency)
         kept = tuple(int(h) for h in sol.kept)
         heads = layout(kept, shape.n_q, shape.n_kv)
         weight = compact_cols(sol.weight.T.to(device="cpu", dtype=o.weight.dtype), kept, shape.head_dim)

@@ -10,7 +10,7 @@ import torch
 from conftest import VOCAB, tiny_model
 from test_supernet import _sublayers
 
-from tyr import arch
+from tyr import arch, budget
 from tyr.budget import KINDS, Gene, layout
 from tyr.modeling import LayerPlan, mask_plans
 from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _head_logits, _reference, topk_kl
@@ -106,6 +106,26 @@ def test_live_model_equals_the_masked_genome_and_reloads_only_changes(tmp_path):
     again = KLFitness(streamed, calib, TeacherCache(tmp_path / "t", 6, 16, 8), (20, 40), random.Random(0))
     assert again(0, [(0,) * 6]) == dense_kl
     assert all(abs(x - y) < 1e-5 for x, y in zip(again(1, [(0,) * 6, genome]), scores, strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: soft-capped logits
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_genome_of_dense_candidates_scores_zero_kl(tmp_path, family, dtype):
+    """The teacher's logits take the student's path (blocks in the model dtype, the LM head in
+    fp32), so the dense genome scores 0 in bf16 too, not the teacher's rounding."""
+    model = tiny_model(family).to(dtype)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    genes = [Gene(b, k) for b in range(shape.n_layers) for k in KINDS]
+    subs = budget.sublayers(shape, dict.fromkeys(genes, 0), budget.steps(shape, 1), 1)  # level 0: dense
+    store = Store(tmp_path, 1, {"t": 1})
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    cands = build(
+        model, spec, shape, capture(model, spec, list(calib.split(2))), subs, store, SupernetOptions()
+    )
+    live = LiveModel(model, spec, shape, genes, cands, store)
+    fitness = KLFitness(live, calib, TeacherCache(tmp_path / "t", 4, 16, 16), (64,), random.Random(0))
+    assert fitness(0, [(0,) * len(genes)])[0] < 1e-7
+    assert fitness(0, [(1,) * len(genes)])[0] > 1e-3  # a pruned genome does not
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding and global layers

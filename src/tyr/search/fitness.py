@@ -193,6 +193,21 @@ def _head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chu
     return z if cap is None else torch.tanh(z / cap) * cap
 
 
+def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256) -> Tensor:
+    """Logits of final hidden states `h` [B, T, d] over the whole vocabulary, [B, T, V] fp32,
+    with the arithmetic of :func:`_head_logits`, in position chunks."""
+    head = arch.get_module(model, spec.lm_head)
+    W = head.weight.float()
+    h = h.to(W.device).float()
+    parts = []
+    for s in range(0, h.shape[1], chunk):
+        z = h[:, s : s + chunk] @ W.T
+        parts.append(z if head.bias is None else z + head.bias.float())
+    z = torch.cat(parts, dim=1)
+    cap = arch.logit_softcap(model)
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
 def _reference(genomes: Sequence[Genome]) -> Genome:
     """Each gene's most frequent level among `genomes` (ties: the lowest). For the offspring of
     one parent that is the parent, whatever the genomes of the call."""
@@ -218,8 +233,14 @@ class KLFitness:
         self.tokens_evaluated = 0
 
     def _teacher_logits(self, rows: Sequence[int]) -> Tensor:
+        """The dense model's logits, [n, T, V] fp32: its final hidden states by the student's
+        own block path (the same dtype and kernels) and its LM head in fp32, as the student's
+        logits are, so that a genome of dense candidates scores KL 0 in any model dtype
+        (docs/algorithm.md §11.12)."""
+        live = self.live
         with torch.inference_mode():
-            return self.live.dense(self.calib[list(rows)], use_cache=False).logits
+            h = Prefix(live.dense, live.spec, self.calib[list(rows)], live.device).final(live.dense)
+            return _full_logits(live.dense, live.spec, h)
 
     def minibatch(self, tokens: int) -> tuple[list[int], int]:
         """Distinct random sequences until `tokens`; the last one truncated: (rows, its length)."""

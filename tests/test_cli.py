@@ -85,6 +85,30 @@ def test_a_uniform_result_reapplied_as_a_genome_gives_the_same_widths(tiny_dir, 
     assert widths[0] == widths[1] and res2["sparsity_achieved"] == res["sparsity_achieved"]
 
 
+def test_a_joint_budget_search_keeps_the_sparsity(tiny_dir, calib_txt, tmp_path):
+    out = tmp_path / "joint"
+    assert main(_args(tiny_dir, calib_txt, out, *SEARCH, "--budget", "joint")) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["config"]["budget"] == "joint"
+    # Within the guard (0.005 of the block parameters) of the start, which is within an attention
+    # unit (2·d·d_h) and a neuron (3·d) of the target on this tiny model (d = 42, d_h = 10).
+    dense = res["params"]["dense_block"]
+    assert abs(res["sparsity_achieved"] - 0.4) <= 0.005 + (2 * 42 * 10 + 3 * 42) / dense
+    assert sum(len(it["genome"]) for it in res["search"]["iterations"]) == 12
+
+
+def test_a_final_pass_reprunes_at_the_searched_widths(tiny_dir, calib_txt, tmp_path):
+    plain, again = tmp_path / "plain", tmp_path / "again"
+    assert main(_args(tiny_dir, calib_txt, plain, *SEARCH)) == 0
+    assert main(_args(tiny_dir, calib_txt, again, *SEARCH, "--final-pass", "reprune")) == 0
+    res, res2 = (json.loads((d / "result.json").read_text()) for d in (plain, again))
+    widths = [[(r["q_heads"], r["kv_heads"], r["intermediate"]) for r in x["layers"]] for x in (res, res2)]
+    assert widths[0] == widths[1] and res2["sparsity_achieved"] == res["sparsity_achieved"]
+    searches = [[(it["centres"], it["genome"]) for it in x["search"]["iterations"]] for x in (res, res2)]
+    assert searches[0] == searches[1]  # the same search
+    assert res2["ppl"]["pruned"] != res["ppl"]["pruned"]  # other weights: calibrated along the chosen path
+
+
 def test_search_end_to_end(tiny_dir, calib_txt, tmp_path):
     out = tmp_path / "searched"
     assert main(_args(tiny_dir, calib_txt, out, *SEARCH)) == 0
@@ -245,6 +269,12 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, calib_txt, tmp_path, caps
     )
     genome.write_text("{")
     _bad(capsys, [*_args(tiny_dir, calib_txt, out), "--genome", str(genome)], "cannot read --genome", out)
+    _bad(
+        capsys,
+        [*_args(tiny_dir, calib_txt, out), "--method", "uniform", "--budget", "joint"],
+        "only for",
+        out,
+    )
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "result.json").write_text("{truncated")

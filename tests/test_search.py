@@ -102,3 +102,25 @@ def test_invalid_start_is_refused():
             survivors=(1,),
             start=(1,) + (0,) * 11,
         )
+
+
+def test_a_joint_budget_moves_levels_between_kinds_within_its_guard():
+    """Attention levels weigh 3, FFN levels 2 (real parameters): under the joint budget a child
+    may trade one for the other while the guard holds the total within 2 of the start."""
+    genes = tuple(Gene(b, k) for b in range(4) for k in ("attn", "mlp"))
+    weight = [3 if g.kind == "attn" else 2 for g in genes]
+
+    def guard(genome):
+        return abs(sum(w * k for w, k in zip(weight, genome, strict=True))) <= 2
+
+    joint = Space(genes, (-2,) * 8, (2,) * 8, guard, joint=True)
+    children = offspring(joint.zero, joint, random.Random(0), 40)
+    assert children and all(joint.valid(c) and guard(c) for c in children)
+    crossed = [c for c in children if sum(c[0::2]) != 0]
+    assert crossed and all(sum(c) == 0 for c in children)  # one level moved per shift, kinds mixed
+    per_kind = Space(genes, (-2,) * 8, (2,) * 8, guard)
+    assert all(
+        sum(c[0::2]) == 0 == sum(c[1::2]) for c in offspring(per_kind.zero, per_kind, random.Random(0), 40)
+    )
+    with pytest.raises(ValueError, match="guard"):
+        Space(genes, (-2,) * 8, (2,) * 8, None, joint=True)

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +402,7 @@ def _search(
         levels=1 if widths else sizes.levels,
         kl_topk=sizes.kl_topk,
         seed=cfg.seed,
+        budget=cfg.budget,
         supernet=SupernetOptions(
             saliency=cfg.saliency,
             schedule=cfg.schedule,
@@ -417,20 +418,25 @@ def _search(
         "dtype": cfg.dtype,
         "seed": cfg.seed,
     }
-    return search_prune(
-        model,
-        run.opened.spec,
-        shape,
-        cfg.sparsity,
-        calib,
-        opt,
-        workdir,
-        identity,
-        device=cfg.device,
-        batch_size=sizes.batch_size,
-        offload=cfg.offload,
-        widths=widths,
-    )
+
+    def searched(o: SearchOptions, root: Path, given: Widths | None) -> tuple[list[LayerPlan | None], Any]:
+        spec = run.opened.spec
+        return search_prune(
+            model, spec, shape, cfg.sparsity, calib, o, root, identity,
+            device=cfg.device, batch_size=sizes.batch_size, offload=cfg.offload, widths=given,
+        )  # fmt: skip
+
+    plans, log_rows = searched(opt, workdir, widths)
+    if cfg.final_pass == "reprune" and widths is None:  # docs/algorithm.md §8: the --genome path
+        log.info("final pass: pruning again at the searched widths along the chosen path")
+        kept = [p for p in plans if p is not None]
+        chosen = Widths(
+            tuple(len(p.heads.kept_q) for p in kept),
+            tuple(len(p.heads.kept_kv) for p in kept),
+            tuple(len(p.kept_neurons) for p in kept),
+        )
+        plans, _ = searched(replace(opt, iterations=1, levels=1), workdir / "final", chosen)
+    return plans, log_rows
 
 
 def _device_name(device: str) -> str:

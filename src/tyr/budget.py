@@ -23,6 +23,8 @@ from fractions import Fraction
 
 __all__ = [
     "KINDS",
+    "GQA_MODES",
+    "BUDGETS",
     "Shape",
     "Gene",
     "HeadLayout",
@@ -52,6 +54,9 @@ __all__ = [
 KINDS = ("attn", "mlp")
 DELTA_1 = Fraction(1, 8)  # Δ_1 = 12.5 % of a sub-layer's units per level step (§5.2)
 GQA_MODES = ("free", "uniform")  # the first is the default (§3.3, §3.4)
+# The search's budget: attention and FFN each at the target (the paper), or one real-parameter
+# budget that the search may trade between them (§7.2).
+BUDGETS = ("per_kind", "joint")
 
 
 @dataclass(frozen=True)

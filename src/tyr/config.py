@@ -12,13 +12,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tyr.budget import BUDGETS
 from tyr.errors import UserError
 from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES
 from tyr.supernet import ACCUMULATIONS
 
-__all__ = ["PruneConfig", "PRESETS", "Sizes", "options", "load_config_file", "parse_set", "resolve_preset"]
+__all__ = [
+    "FINAL_PASSES",
+    "PruneConfig",
+    "PRESETS",
+    "Sizes",
+    "options",
+    "load_config_file",
+    "parse_set",
+    "resolve_preset",
+]
 
 METHODS = ("tyr", "uniform")
+FINAL_PASSES = ("none", "reprune")  # after the search (api._search)
 PRESET_NAMES = ("auto", "smoke", "quick", "paper")
 
 # Data sizes per preset. `quick` is sized so that the embedded 135M model finishes on 2 CPU
@@ -105,6 +116,21 @@ class PruneConfig:
     accumulation: str = field(
         default=ACCUMULATIONS[0], metadata=_meta("error accumulation in the supernet", ACCUMULATIONS)
     )
+    budget: str = field(
+        default=BUDGETS[0],
+        metadata=_meta(
+            "search budget: attention and FFN each at the sparsity, or one real-parameter budget"
+            " the search trades between them",
+            BUDGETS,
+        ),
+    )
+    final_pass: str = field(
+        default=FINAL_PASSES[0],
+        metadata=_meta(
+            "after the search: reprune = prune again at the chosen widths, calibrated along the chosen path",
+            FINAL_PASSES,
+        ),
+    )
     genome: str | None = field(
         default=None,
         metadata=_meta("apply a per-sub-layer genome (JSON or a tyr result.json) without searching"),
@@ -153,6 +179,11 @@ class PruneConfig:
         if self.method != "tyr" and self.genome is not None:
             raise UserError(
                 f"genome is only for --method tyr, not {self.method}", "drop --genome or --method"
+            )
+        if self.method != "tyr" and (self.budget, self.final_pass) != (BUDGETS[0], FINAL_PASSES[0]):
+            raise UserError(
+                "budget and final_pass are only for --method tyr (the search)",
+                "drop them or use --method tyr",
             )
         if self.method == "tyr" and self.solver != "obs":
             raise UserError(

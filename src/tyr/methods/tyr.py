@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from tyr import budget
 from tyr.arch import ArchSpec
-from tyr.budget import KINDS, Gene, Shape, SubLayer, Widths
+from tyr.budget import BUDGETS, KINDS, Gene, Shape, SubLayer, Widths
 from tyr.errors import UserError
 from tyr.infra import atomic_json, dist
 from tyr.modeling import LayerPlan
@@ -38,7 +38,8 @@ class SearchOptions:
     levels: int = 9
     kl_topk: int = 8192
     seed: int = 0
-    gqa_budget_tol: float = 0.005  # of L·P_A, real parameters (§3.5)
+    gqa_budget_tol: float = 0.005  # of the guarded real parameters: L·P_A, or P_blk when joint (§3.5)
+    budget: str = BUDGETS[0]
     supernet: SupernetOptions = SupernetOptions()
 
 
@@ -48,13 +49,15 @@ def _space(
     cands: dict[Gene, list[Candidate]],
     target: float,
     tol: float,
+    joint: bool,
 ) -> Space:
-    """Levels per gene, Σ k = 0 per kind, and the real-parameter attention guard (§3.5)."""
-    removed = {g: {c.level: c.removed_params for c in cands[g]} for g in genes if g.kind == "attn"}
-    attn = [i for i, g in enumerate(genes) if g.kind == "attn"]
+    """Levels per gene, and the guard on the real parameters removed: attention's under the
+    per-kind budget (Σ k = 0 per kind besides, §3.5), all of them under the joint one."""
+    guarded = [i for i, g in enumerate(genes) if joint or g.kind == "attn"]
+    removed = {i: {c.level: c.removed_params for c in cands[genes[i]]} for i in guarded}
 
     def deviation(genome: Genome) -> float:
-        return abs(sum(removed[genes[i]][genome[i]] for i in attn) - target)
+        return abs(sum(removed[i][genome[i]] for i in guarded) - target)
 
     limit = max(tol, deviation((0,) * len(genes)))
     return Space(
@@ -62,6 +65,7 @@ def _space(
         tuple(subs[g].low for g in genes),
         tuple(subs[g].high for g in genes),
         lambda genome: deviation(genome) <= limit,
+        joint=joint,
     )
 
 
@@ -89,9 +93,13 @@ def search_prune(
     genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
     initial = widths.centres(shape, mode) if widths else budget.initial_centres(shape, sparsity, mode)
     centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
-    P_A = shape.attn_params(shape.n_q, shape.n_kv)
-    target_attn = float(budget.attn_target(shape, sum(initial["attn"])))  # real params
-    tol = opt.gqa_budget_tol * L * P_A
+    joint = opt.budget == "joint"
+    target = budget.attn_target(shape, sum(initial["attn"]))  # real parameters
+    guarded = shape.attn_params(shape.n_q, shape.n_kv)
+    if joint:
+        target += sum(budget.mlp_removed(shape, shape.intermediate - c) for c in initial["mlp"])
+        guarded += shape.mlp_params(shape.intermediate)
+    tol = opt.gqa_budget_tol * L * guarded
     teacher = TeacherCache(
         workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
     )
@@ -130,7 +138,7 @@ def search_prune(
         built = time.perf_counter() - built
 
         searched = time.perf_counter()
-        space = _space(genes, subs, cands, target_attn, tol)
+        space = _space(genes, subs, cands, float(target), tol, joint)
         live = LiveModel(model, spec, shape, genes, cands, store, device)
         best, fitness_log, scored = _search_once(store, space, live, calib, teacher, opt, t, batch_size)
         log_rows.append(

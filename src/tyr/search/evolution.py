@@ -17,7 +17,8 @@ Fitness = Callable[[int, Sequence[Genome]], Sequence[float]]
 
 def mutate(parent: Genome, space: Space, rng: random.Random, max_tries: int = 100) -> Genome | None:
     """Sparsity shift: n ~ min(U{1..4}, U{1..4}) times, one gene one level denser and another
-    gene of the same kind one level sparser (§7.2). None when no valid shift exists."""
+    gene of the same kind (any kind, under a joint budget) one level sparser (§7.2). None when
+    no valid shift exists."""
     child = list(parent)
     n = min(rng.randint(1, 4), rng.randint(1, 4))
     for _ in range(n):
@@ -26,8 +27,8 @@ def mutate(parent: Genome, space: Space, rng: random.Random, max_tries: int = 10
             if not down:
                 return None
             i = rng.choice(down)
-            kind = space.genes[i].kind
-            up = [j for j in space.of_kind(kind) if j != i and child[j] + 1 <= space.high[j]]
+            pool = range(len(child)) if space.joint else space.of_kind(space.genes[i].kind)
+            up = [j for j in pool if j != i and child[j] + 1 <= space.high[j]]
             if up:
                 j = rng.choice(up)
                 child[i] -= 1

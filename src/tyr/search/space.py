@@ -15,18 +15,22 @@ Genome = tuple[int, ...]
 @dataclass(frozen=True)
 class Space:
     """Genes with their level bounds; a genome is valid when Σ k = 0 within each kind and the
-    optional `guard` (the GQA real-parameter budget, §3.5) accepts it."""
+    optional `guard` (the GQA real-parameter budget, §3.5) accepts it. `joint`: the kinds share
+    one budget, which the guard alone keeps; a mutation may move a level between kinds."""
 
     genes: tuple[Gene, ...]
     low: tuple[int, ...]
     high: tuple[int, ...]
     guard: Callable[[Genome], bool] | None = None
+    joint: bool = False
 
     def __post_init__(self) -> None:
         if not len(self.genes) == len(self.low) == len(self.high):
             raise ValueError("genes, low and high must have the same length")
         if any(lo > 0 or hi < 0 for lo, hi in zip(self.low, self.high, strict=True)):
             raise ValueError("every gene's range must contain level 0")
+        if self.joint and self.guard is None:
+            raise ValueError("a joint budget needs a guard that keeps it")
 
     @property
     def zero(self) -> Genome:
@@ -40,6 +44,6 @@ class Space:
             return False
         if any(not lo <= k <= hi for k, lo, hi in zip(genome, self.low, self.high, strict=True)):
             return False
-        if any(sum(genome[i] for i in self.of_kind(kind)) != 0 for kind in KINDS):
+        if not self.joint and any(sum(genome[i] for i in self.of_kind(kind)) != 0 for kind in KINDS):
             return False
         return self.guard is None or self.guard(tuple(genome))

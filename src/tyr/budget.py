@@ -275,14 +275,21 @@ class SubLayer:
 
 
 def sublayers(
-    shape: Shape, centres: dict[Gene, int], step: dict[str, int], half: int
+    shape: Shape,
+    centres: dict[Gene, int],
+    step: dict[str, int],
+    half: int,
+    widths: Widths | None = None,
+    mode: str = GQA_MODES[0],
 ) -> dict[Gene, SubLayer]:
-    """Every gene's levels around its centre: |k| ≤ half, 0 ≤ units ≤ n."""
+    """Every gene's levels around its centre: |k| ≤ half, 0 ≤ units ≤ n; with `widths`
+    (`--genome`), each attention sub-layer held to the structures they allow."""
     out = {}
     for gene, c in centres.items():
         n = shape.units(gene.kind)
         lo, hi = level_range(c, step[gene.kind], n, half)
-        out[gene] = SubLayer(gene, n, c, step[gene.kind], lo, hi)
+        fixed = widths.attn_choices(shape, gene.block, mode) if widths and gene.kind == "attn" else []
+        out[gene] = SubLayer(gene, n, c, step[gene.kind], lo, hi, tuple(fixed))
     return out
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,17 @@ def _space(
     )
 
 
+def _guard(shape: Shape, initial: dict[str, list[int]], tol: float, joint: bool) -> tuple[int, float]:
+    """The real parameters the initial centres remove, of attention (or of both kinds under a
+    joint budget), and the guard's tolerance: `tol` of those sub-layers' dense parameters."""
+    target = budget.attn_target(shape, sum(initial["attn"]))
+    dense = shape.attn_params(shape.n_q, shape.n_kv)
+    if joint:
+        target += sum(budget.mlp_removed(shape, shape.intermediate - c) for c in initial["mlp"])
+        dense += shape.mlp_params(shape.intermediate)
+    return target, tol * shape.n_layers * dense
+
+
 def search_prune(
     model: nn.Module,
     spec: ArchSpec,
@@ -94,12 +105,7 @@ def search_prune(
     initial = widths.centres(shape, mode) if widths else budget.initial_centres(shape, sparsity, mode)
     centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
     joint = opt.budget == "joint"
-    target = budget.attn_target(shape, sum(initial["attn"]))  # real parameters
-    guarded = shape.attn_params(shape.n_q, shape.n_kv)
-    if joint:
-        target += sum(budget.mlp_removed(shape, shape.intermediate - c) for c in initial["mlp"])
-        guarded += shape.mlp_params(shape.intermediate)
-    tol = opt.gqa_budget_tol * L * guarded
+    target, tol = _guard(shape, initial, opt.gqa_budget_tol, joint)
     teacher = TeacherCache(
         workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
     )
@@ -111,10 +117,8 @@ def search_prune(
     for t in range(1, opt.iterations + 1):
         start = time.perf_counter()
         steps = budget.steps(shape, t)
-        subs = budget.sublayers(shape, centres_by_gene, steps, opt.levels // 2)
-        if widths is not None and t == 1:
-            for g in genes[0::2]:
-                subs[g] = replace(subs[g], fixed=tuple(widths.attn_choices(shape, g.block, mode)))
+        given = widths if t == 1 else None
+        subs = budget.sublayers(shape, centres_by_gene, steps, opt.levels // 2, given, mode)
         ident = {
             **identity,
             "iteration": t,

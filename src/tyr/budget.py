@@ -35,7 +35,6 @@ __all__ = [
     "layout",
     "attn_removed",
     "mlp_removed",
-    "attn_unit",
     "attn_target",
     "structures",
     "attn_structures",
@@ -148,11 +147,6 @@ def attn_removed(shape: Shape, kept_q: Sequence[int]) -> int:
 def mlp_removed(shape: Shape, kept: int) -> int:
     """Real parameters removed from one FFN sub-layer when it keeps `kept` neurons."""
     return shape.mlp_params(shape.intermediate) - shape.mlp_params(kept)
-
-
-def attn_unit(shape: Shape) -> int:
-    """Real parameters of one attention unit, 2·d·d_h (biases aside)."""
-    return 2 * shape.hidden * shape.head_dim
 
 
 def attn_target(shape: Shape, units: int) -> int:

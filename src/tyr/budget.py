@@ -182,8 +182,9 @@ def attn_structures(shape: Shape, units: int, mode: str = GQA_MODES[0]) -> list[
 def allot(total: int, slots: int, feasible: Sequence[int]) -> list[int]:
     """`total` units over `slots` slots, each slot a feasible count: slot b takes the feasible
     count nearest what is left ÷ the slots left (ties: fewer), so the realised sum is corrected
-    slot by slot and is exact whenever the counts allow it. When every count is feasible this is
-    :func:`spread` (§2.4)."""
+    slot by slot and is exact whenever the counts allow it. Like :func:`spread`, it gives every
+    slot the same count when that count is feasible and divides the total; otherwise the two may
+    order the larger and smaller counts differently (§2.4)."""
     out: list[int] = []
     left = total
     for b in range(slots):

@@ -188,7 +188,11 @@ def _head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chu
         if head.bias is not None:
             z = z + head.bias.float()[i]
         parts.append(z)
-    z = torch.cat(parts, dim=1)
+    return _softcap(model, torch.cat(parts, dim=1))
+
+
+def _softcap(model: nn.Module, z: Tensor) -> Tensor:
+    """The family's final logit soft-capping, when it has one (Gemma 2 and 3)."""
     cap = arch.logit_softcap(model)
     return z if cap is None else torch.tanh(z / cap) * cap
 
@@ -203,9 +207,7 @@ def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256) 
     for s in range(0, h.shape[1], chunk):
         z = h[:, s : s + chunk] @ W.T
         parts.append(z if head.bias is None else z + head.bias.float())
-    z = torch.cat(parts, dim=1)
-    cap = arch.logit_softcap(model)
-    return z if cap is None else torch.tanh(z / cap) * cap
+    return _softcap(model, torch.cat(parts, dim=1))
 
 
 def _reference(genomes: Sequence[Genome]) -> Genome:

@@ -3,8 +3,10 @@
 Each row changes one option of the default and runs at every sparsity and seed asked for; the
 summary gives each row's mean and standard deviation over the seeds, the numbers that decide a
 default (at least two seeds per row). Rows: the default, accumulation `none` and `centre`,
-saliency `paper`, schedule `per_step`, `--gqa uniform`, and `--method uniform` (no search; the
-seed changes nothing there unless the calibration windows are random). Work directories are kept
+saliency `paper`, schedule `per_step`, `--gqa uniform`, the joint budget, the final re-prune and
+`--method uniform` (no search; the seed changes nothing there unless the calibration windows are
+random), or any options written as a row (`damp=0.1+calib_sample=random`); `--set` gives every
+row an option. Work directories are kept
 under --root, so an interrupted table resumes.
 
     python benchmarks/ablation.py --root /tmp/tyr-ablation --sparsity 0.5 --seeds 0,1 \\
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import tyr
+from tyr.config import parse_set
 
+# Named rows; any other row is written as options, e.g. `damp=0.1` or `calib_sample=random+damp=0.1`.
 ROWS: dict[str, dict[str, Any]] = {
     "default": {},
     "accumulation=none": {"accumulation": "none"},
@@ -31,8 +35,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "saliency=paper": {"saliency": "paper"},
     "schedule=per_step": {"schedule": "per_step"},
     "gqa=uniform": {"gqa": "uniform"},
+    "budget=joint": {"budget": "joint"},
+    "final_pass=reprune": {"final_pass": "reprune"},
     "method=uniform": {"method": "uniform"},
 }
+
+
+def _options(row: str) -> dict[str, Any]:
+    """A row's options: a named row, or `key=value` pairs joined by `+` (checked as --set is)."""
+    return dict(ROWS[row]) if row in ROWS else parse_set(row.split("+"))
 
 
 def _floats(text: str) -> list[float]:
@@ -51,25 +62,29 @@ def main() -> None:
     ap.add_argument("--tasks", default=None, help="zero-shot tasks to score as well, e.g. paper7,piqa")
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="option of every row")
     args = ap.parse_args()
     root = Path(args.root)
-    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
-    if unknown:
-        ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    base = parse_set(args.set)
+    for row in args.rows.split(","):
+        _options(row)  # a misspelt row fails before any run
     runs: list[dict[str, Any]] = []
     for sparsity in _floats(args.sparsity):
         for name in args.rows.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
-                runs.append(_run(root, args, name, sparsity, seed))
+                runs.append(_run(root, args, name, base, sparsity, seed))
                 _write(args, runs)
     print(json.dumps(_summary(runs), indent=2))
 
 
-def _run(root: Path, args: argparse.Namespace, name: str, sparsity: float, seed: int) -> dict[str, Any]:
-    options = dict(ROWS[name])
+def _run(
+    root: Path, args: argparse.Namespace, name: str, base: dict[str, Any], sparsity: float, seed: int
+) -> dict[str, Any]:
+    options = {**base, **_options(name)}
     if args.iterations is not None and options.get("method") != "uniform":
         options["iterations"] = args.iterations
-    tag = f"s{sparsity:g}-{name}-seed{seed}"
+    common = "+".join(f"{k}={v}" for k, v in base.items())
+    tag = f"s{sparsity:g}-{common + '+' if common else ''}{name}-seed{seed}"
     start = time.perf_counter()
     r = tyr.prune(
         sparsity=sparsity,

@@ -112,7 +112,7 @@ def _sections(doc: Path) -> set[str]:
     return set(heads)
 
 
-REF = re.compile(r"(docs/(?:algorithm|architecture|protocol)\.md)|§(\d+(?:\.\d+)?)")
+REF = re.compile(r"(docs/(?:algorithm|architecture|protocol|serving)\.md)|§(\d+(?:\.\d+)?)")
 
 
 def test_every_section_reference_in_the_code_resolves() -> None:

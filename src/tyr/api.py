@@ -21,9 +21,9 @@ from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
 from tyr.eval import perplexity
-from tyr.export import modeling_sha256, save_pruned, verify_export, write_card
+from tyr.export import GGUFSummary, modeling_sha256, save_pruned, verify_export, write_card, write_gguf
 from tyr.infra import assets, atomic_json, check_options, dist, fsync_tree, locked, pid_alive
-from tyr.loader import Opened, fingerprint, load_lazy, load_weights, open_model
+from tyr.loader import Opened, fingerprint, load, load_lazy, load_weights, open_model, resolve, source_gguf
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
 from tyr.stream import LazyModel, capture
@@ -128,6 +128,28 @@ def prune(
     """
     cfg = PruneConfig(model=model, sparsity=sparsity, out=str(out), **check_keys(options, "prune options"))
     return run(cfg)
+
+
+def export_gguf(
+    model: str | os.PathLike[str] | None, dest: str | os.PathLike[str], *, quant: str = "f16"
+) -> GGUFSummary:
+    """Write a model as GGUF for llama.cpp: the --out directory of tyr prune, or a dense model
+    (HF directory, .gguf, hub id; None = the embedded SmolLM2-135M) for the baseline. The
+    tokenizer comes verbatim from the GGUF the model was dequantized from, when there is one."""
+    directory = Path(model).expanduser() if model is not None else None
+    name = str(model) if model is not None else None
+    if directory is not None and (directory / record.FILE).is_file():
+        name = record.read(directory)["config"]["model"]
+    else:
+        resolved = resolve(name)
+        if not isinstance(resolved, Path):
+            raise UserError(f"{model} is not a local model", "download it first, or pass a directory")
+        directory = resolved
+    weights = load(directory)
+    label = directory.name if model is not None else "SmolLM2-135M-Instruct"
+    return write_gguf(
+        weights, Path(dest), quant=quant, tokenizer_dir=directory, source_gguf=source_gguf(name), name=label
+    )
 
 
 def run(cfg: PruneConfig, command: str | None = None) -> Result:

@@ -79,6 +79,18 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
+def _export_parser(sub: Any) -> None:
+    from tyr.export import QUANTS
+
+    p = sub.add_parser("export", help="write a pruned (or dense) model as GGUF for llama.cpp")
+    p.add_argument(
+        "model", nargs="?", help="the --out directory of tyr prune, or a dense model (default: embedded)"
+    )
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--quant", default="f16", choices=QUANTS, help="weight type (default f16)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tyr", description="Structural pruning of decoder-only LLMs.")
     from tyr import __version__
@@ -89,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _report_parser(sub)
     _plan_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -149,6 +162,13 @@ def _report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    from tyr.api import export_gguf
+
+    print(json.dumps(export_gguf(ns.model, ns.gguf, quant=ns.quant).as_dict(), indent=2))
+    return 0
+
+
 def _plan(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()
         if ns.command == "prune":
             return _prune(ns, argv)
-        return {"eval": _eval, "report": _report, "plan": _plan}[ns.command](ns)
+        return {"eval": _eval, "report": _report, "plan": _plan, "export": _export}[ns.command](ns)
     except UserError as exc:
         print(f"tyr: error: {exc}", file=sys.stderr)
         return 2

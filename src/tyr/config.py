@@ -99,7 +99,8 @@ class PruneConfig:
     calib_tokens: int | None = field(default=None, metadata=_meta("calibration tokens"))
     seq_len: int | None = field(default=None, metadata=_meta("sequence length for calibration and eval"))
     calib_sample: str = field(
-        default="first", metadata=_meta("first tokens or seeded windows", ("first", "random"))
+        default="random",
+        metadata=_meta("seeded windows from the whole source, or its first tokens", ("random", "first")),
     )
     eval_data: str = field(default="wiki:heldout", metadata=_meta("held-out perplexity source"))
     eval_tokens: int | None = field(default=None, metadata=_meta("held-out perplexity tokens"))

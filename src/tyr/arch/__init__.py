@@ -65,6 +65,11 @@ class ArchSpec:
     # change of down_proj's weight changes the block output by exactly Z·ΔWᵀ (used to avoid a
     # third forward pass per block during calibration).
     mlp_output_is_residual: bool = True
+    attn_norm: str = "input_layernorm"
+    ffn_norm: str = "post_attention_layernorm"
+    # Why llama.cpp's per-layer-width architecture (deci: a pre-norm Llama block, SiLU-gated
+    # FFN, optional q/k/v/o and FFN biases) cannot express the block; None when it can.
+    gguf_unsupported: str | None = None
 
     @property
     def attention_names(self) -> tuple[str | None, ...]:
@@ -96,13 +101,33 @@ REGISTRY: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), ("LlamaForCausalLM",)),
     ArchSpec("mistral", ("mistral",), ("MistralForCausalLM",)),
     ArchSpec("qwen2", ("qwen2",), ("Qwen2ForCausalLM",)),
-    ArchSpec("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), q_norm="q_norm", k_norm="k_norm"),
+    ArchSpec(
+        "qwen3",
+        ("qwen3",),
+        ("Qwen3ForCausalLM",),
+        q_norm="q_norm",
+        k_norm="k_norm",
+        gguf_unsupported="per-head q/k RMSNorm",
+    ),
     # Gemma: a norm after o_proj and after down_proj (four per block), scaled embeddings,
     # query_pre_attn_scalar, sliding-window and global layers; Gemma 2 soft-caps attention
     # scores and final logits, Gemma 3 normalises queries and keys per head.
-    ArchSpec("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), mlp_output_is_residual=False),
+    ArchSpec(
+        "gemma2",
+        ("gemma2",),
+        ("Gemma2ForCausalLM",),
+        mlp_output_is_residual=False,
+        gguf_unsupported="four norms per block, scaled embeddings and soft-capping",
+    ),
     # Phi-3: one qkv_proj and one gate_up_proj per block, split on load.
-    ArchSpec("phi3", ("phi3",), ("Phi3ForCausalLM",), qkv="qkv_proj", gate_up="gate_up_proj"),
+    ArchSpec(
+        "phi3",
+        ("phi3",),
+        ("Phi3ForCausalLM",),
+        qkv="qkv_proj",
+        gate_up="gate_up_proj",
+        gguf_unsupported="not yet checked against llama.cpp (partial rotary and long-rope variants)",
+    ),
     ArchSpec(
         "gemma3",
         ("gemma3_text",),
@@ -110,6 +135,7 @@ REGISTRY: tuple[ArchSpec, ...] = (
         q_norm="q_norm",
         k_norm="k_norm",
         mlp_output_is_residual=False,
+        gguf_unsupported="four norms per block, per-head q/k RMSNorm and scaled embeddings",
     ),
 )
 

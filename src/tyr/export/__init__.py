@@ -11,8 +11,12 @@ from tyr.export.checkpoint import (
     verify_export,
     write_card,
 )
+from tyr.export.gguf import QUANTS, GGUFSummary, write_gguf
 
 __all__ = [
+    "QUANTS",
+    "GGUFSummary",
+    "write_gguf",
     "FORMAT",
     "MODELING",
     "modeling_sha256",

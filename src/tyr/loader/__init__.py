@@ -16,6 +16,7 @@ from tyr.loader.models import (
     load_weights,
     open_model,
     resolve,
+    source_gguf,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "load_lazy",
     "load_model",
     "gguf_to_hf",
+    "source_gguf",
     "fingerprint",
     "load",
     "load_pruned_lazy",

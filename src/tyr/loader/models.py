@@ -31,6 +31,7 @@ __all__ = [
     "load_lazy",
     "load_model",
     "gguf_to_hf",
+    "source_gguf",
     "fingerprint",
 ]
 
@@ -89,6 +90,15 @@ def _default_dir() -> Path:
 
 def _looks_like_path(name: str) -> bool:
     return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def source_gguf(name: str | None) -> Path | None:
+    """The GGUF file a model was dequantized from (the embedded default's, or a `.gguf` given
+    by path), whose tokenizer a GGUF export carries over verbatim; None for other sources."""
+    if name is None:
+        return assets.extract("smollm2", _GGUF_MEMBER)
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def resolve(name: str | None) -> Path | str:

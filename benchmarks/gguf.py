@@ -157,6 +157,7 @@ def main() -> None:
     if not args.pruned:
         ap.error("--pruned is required")
     import tyr
+    from tyr import record
     from tyr.api import export_gguf
     from tyr.eval import perplexity
     from tyr.loader import load
@@ -222,6 +223,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
     }
     print(json.dumps({"tyr_ppl": tyr_ppl, "fidelity": fidelity}, indent=2))
+    record.add_gguf(Path(args.pruned), llama_cpp=report)  # for tyr report
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -262,3 +262,29 @@ def test_report_cli_from_a_tiny_run(tiny_dir, calib_txt, task_wheel, tmp_path):
     for png in ("sparsity_per_block.png", "fitness.png", "accuracy.png"):
         assert f"]({png})" in md and (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "A quick evaluation (1 questions per task" in md and "per 1M tokens" in md
+
+
+def test_report_lists_gguf_exports_and_llama_cpp_numbers(pruned_run, tmp_path):
+    from tyr import record
+    from tyr.api import export_gguf
+
+    out = _copy_run(pruned_run[0], tmp_path / "out", config={"model": "tiny-llama"})
+    summary = export_gguf(out, tmp_path / "m.gguf", quant="q8_0")
+    assert record.read_gguf(out)["exports"]["m.gguf"]["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    speed = {"pruned": _speed(1500.0, 80.0, 600.0)}
+    md = build_report(out, speed=speed).read_text()
+    row = f"| m.gguf | q8_0 | {summary.bytes / 1e6:.1f} MB | {len(summary.unquantized)} | 0 |"
+    assert "## llama.cpp (GGUF)" in md and row in md
+    assert "Not run in llama.cpp yet" in md
+    row = {"file": "pruned q8_0", "bytes": 2_500_000, "prefill_tok_s": 900.0, "decode_tok_s": 41.25}
+    bench = {
+        "runtime": "llama-cpp-python==0.3.36",
+        "machine": {"cpus": 2},
+        "date": "2026-12-03",
+        "ppl_tokens": 65536,
+        "tyr_ppl": 60.0,
+        "rows": [{**row, "peak_rss": 3e8, "ppl": 60.5}],
+    }
+    record.add_gguf(out, llama_cpp=bench)
+    md = build_report(out, speed=speed).read_text()
+    assert "| pruned q8_0 | 2.5 MB | 900 | 41.2 | 0.30 GB | 60.50 |" in md and "tyr's own model: 60.00" in md

@@ -147,9 +147,12 @@ def export_gguf(
         directory = resolved
     weights = load(directory)
     label = directory.name if model is not None else "SmolLM2-135M-Instruct"
-    return write_gguf(
+    summary = write_gguf(
         weights, Path(dest), quant=quant, tokenizer_dir=directory, source_gguf=source_gguf(name), name=label
     )
+    if (directory / record.FILE).is_file():
+        record.add_gguf(directory, export=summary.as_dict())
+    return summary
 
 
 def run(cfg: PruneConfig, command: str | None = None) -> Result:

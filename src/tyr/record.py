@@ -1,4 +1,5 @@
-"""`DIR/result.json`, schema ``tyr.result/1``: the record of a finished run.
+"""`DIR/result.json`, schema ``tyr.result/1``: the record of a finished run; and
+`DIR/gguf.json` (``tyr.gguf/1``): the GGUF files exported from it and what llama.cpp measured.
 
 Typed here, written by :func:`write` alone and read by :func:`read` alone (the report, the
 finished-output check of `tyr prune` and `--genome` read it through this module). The keys are
@@ -25,10 +26,15 @@ __all__ = [
     "write",
     "read",
     "read_if_finished",
+    "GGUF_FILE",
+    "read_gguf",
+    "add_gguf",
 ]
 
 SCHEMA = "tyr.result/1"
 FILE = "result.json"
+GGUF_FILE = "gguf.json"
+GGUF_SCHEMA = "tyr.gguf/1"
 
 
 class Params(TypedDict):
@@ -153,3 +159,26 @@ def read_if_finished(out_dir: Path, identity: str) -> Record | None:
     if isinstance(data, dict) and data.get("config_identity") == identity:
         return data  # type: ignore[return-value]
     return None
+
+
+def read_gguf(out_dir: Path) -> dict[str, Any]:
+    """`DIR/gguf.json`: {"exports": {file name: summary}, "llama_cpp": benchmark or absent};
+    empty when there is none or it is unreadable."""
+    path = out_dir / GGUF_FILE
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) and data.get("schema") == GGUF_SCHEMA else {}
+
+
+def add_gguf(
+    out_dir: Path, *, export: dict[str, Any] | None = None, llama_cpp: dict[str, Any] | None = None
+) -> None:
+    """Record one exported GGUF file (keyed by its name) or a llama.cpp measurement."""
+    data = {"schema": GGUF_SCHEMA, "exports": {}, **read_gguf(out_dir)}
+    if export is not None:
+        data["exports"][Path(export["path"]).name] = export
+    if llama_cpp is not None:
+        data["llama_cpp"] = llama_cpp
+    atomic_json(out_dir / GGUF_FILE, data, indent=2)

@@ -372,6 +372,44 @@ def _deployment(
     return lines + [""] + ["- " + n for n in notes]
 
 
+def _gguf(out_dir: Path) -> list[str]:
+    """The GGUF files `tyr export` wrote from this run and, when measured, llama.cpp's numbers."""
+    data = record.read_gguf(out_dir)
+    exports = data.get("exports") or {}
+    if not exports:
+        return []
+    rows = [
+        [name, e["quant"], f"{e['bytes'] / 1e6:.1f} MB", str(len(e["unquantized"])), str(e["padded_heads"])]
+        for name, e in exports.items()
+    ]
+    lines = ["", "## llama.cpp (GGUF)", ""]
+    lines += _table(["file", "weights", "size", "tensors kept wider", "zero query heads added"], rows)
+    bench = data.get("llama_cpp")
+    if not bench:
+        return [*lines, "", "Not run in llama.cpp yet: `python benchmarks/gguf.py --pruned DIR` measures it."]
+    rows = [
+        [
+            r["file"],
+            f"{r['bytes'] / 1e6:.1f} MB",
+            f"{r['prefill_tok_s']:.0f}",
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['peak_rss'] / 1e9:.2f} GB",
+            f"{r['ppl']:.2f}",
+        ]
+        for r in bench["rows"]
+    ]
+    lines += [
+        "",
+        f"{bench['runtime']}, {bench['machine']['cpus']} CPU cores, batch 1, {bench['date']}; perplexity"
+        f" of {bench['ppl_tokens']:,} held-out tokens from llama.cpp's logits (tyr's own model:"
+        f" {bench['tyr_ppl']:.2f}).",
+        "",
+    ]
+    return lines + _table(
+        ["file", "size", "prefill tok/s (512)", "decode tok/s (128)", "peak RSS", "PPL"], rows
+    )
+
+
 def _layers(res: dict[str, Any]) -> list[str]:
     rows = [
         [
@@ -463,6 +501,7 @@ def build_report(
         md += ["", f"![accuracy per task, dense vs pruned]({PLOTS['accuracy']})"]
 
     md += ["", "## Deployment", "", *_deployment(speed_dense, speed_pruned, usd_per_hour, speed_notes)]
+    md += _gguf(out_dir)
 
     md += ["", "## Sparsity per block", ""]
     if plots:

@@ -1,6 +1,6 @@
 """GGUF export: the written file, read back and run by a reference of llama.cpp's `deci` graph
 (pure torch, here), gives the pruned model's logits; `llama_cpp` marks the same check against the
-real llama.cpp (built from the llama-cpp-python sdist, see benchmarks/gguf.py)."""
+real llama.cpp (built from the llama-cpp-python sdist, see benchmarks/serve_gguf.py)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_llama_cpp_runs_the_awkward_gguf(tmp_path, family):
     try:
         from llama_cpp import Llama
     except ImportError:
-        pytest.fail("the llama.cpp binding is not installed: python benchmarks/gguf.py --build")
+        pytest.fail("the llama.cpp binding is not installed: python benchmarks/serve_gguf.py --build")
 
     model = awkward(family)
     path = tmp_path / "m.gguf"

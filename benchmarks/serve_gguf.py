@@ -1,8 +1,8 @@
 """llama.cpp on tyr's GGUF export: fidelity against `tyr.load`, held-out perplexity, and what a
 user serving it sees on this CPU (schema `tyr.bench.gguf/1`).
 
-    python benchmarks/gguf.py --build                       # llama-cpp-python from its sdist, cached
-    python benchmarks/gguf.py --pruned OUT --work /tmp/tyr-gguf --json benchmarks/results/gguf_50.json
+    python benchmarks/serve_gguf.py --build                       # llama-cpp-python from its sdist, cached
+    python benchmarks/serve_gguf.py --pruned OUT --work /tmp/tyr-gguf --json benchmarks/results/gguf_50.json
 
 `--build` compiles the pinned llama-cpp-python sdist (it vendors llama.cpp) CPU-only into a wheel
 under $TYR_HOME/llama_cpp and installs it; the tests marked `llama_cpp` need it. The table: the

@@ -386,7 +386,11 @@ def _gguf(out_dir: Path) -> list[str]:
     lines += _table(["file", "weights", "size", "tensors kept wider", "zero query heads added"], rows)
     bench = data.get("llama_cpp")
     if not bench:
-        return [*lines, "", "Not run in llama.cpp yet: `python benchmarks/serve_gguf.py --pruned DIR` measures it."]
+        return [
+            *lines,
+            "",
+            "Not run in llama.cpp yet: `python benchmarks/serve_gguf.py --pruned DIR` measures it.",
+        ]
     rows = [
         [
             r["file"],

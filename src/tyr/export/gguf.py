@@ -110,8 +110,6 @@ def encode_layer(layer: nn.Module, spec: arch.ArchSpec, head_dim: int, index: in
     t["attn_norm.weight"] = arch.get_module(layer, spec.attn_norm).weight.detach()
     t["ffn_norm.weight"] = arch.get_module(layer, spec.ffn_norm).weight.detach()
     if n_head:
-        hidden = a.q.weight.shape[1]
-        dtype = a.q.weight.dtype
         o = a.o.weight.detach().T.contiguous()  # [n_q·d_h, d]: heads as rows
         for name, lin, heads, rope in (
             ("attn_q", a.q, q_heads, True),
@@ -120,8 +118,7 @@ def encode_layer(layer: nn.Module, spec: arch.ArchSpec, head_dim: int, index: in
         ):
             w = _head_rows(lin.weight.detach(), heads, head_dim)
             b = _head_rows(lin.bias.detach() if lin.bias is not None else None, heads, head_dim)
-            if w is None or w.shape[0] == 0:
-                w = torch.zeros((len(heads) * head_dim, hidden), dtype=dtype)
+            assert w is not None
             t[f"{name}.weight"] = _interleave(w, len(heads), head_dim) if rope else w
             if b is not None:
                 t[f"{name}.bias"] = _interleave(b, len(heads), head_dim) if rope else b

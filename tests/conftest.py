@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -273,3 +275,21 @@ def load_without_tyr(tmp_path: Path, dirs: list[Path], ids: torch.Tensor) -> dic
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(ids_file) + ".out")
+
+
+def kill_when(argv: list[str], trigger: Path, timeout: float = 120) -> bool:
+    """Run `tyr` in a child process and SIGKILL it as soon as `trigger` exists; False when the
+    run ended before that."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tyr", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if trigger.exists():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    return False

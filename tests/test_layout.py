@@ -20,7 +20,7 @@ def _modules() -> list[Path]:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(tyr.__all__) == ["Result", "UserError", "__version__", "evaluate", "load", "prune"]
+    assert sorted(tyr.__all__) == ["Result", "UserError", "__version__", "evaluate", "heal", "load", "prune"]
     for name in tyr.__all__:
         assert hasattr(tyr, name), name
 
@@ -112,7 +112,7 @@ def _sections(doc: Path) -> set[str]:
     return set(heads)
 
 
-REF = re.compile(r"(docs/(?:algorithm|architecture|protocol|serving)\.md)|§(\d+(?:\.\d+)?)")
+REF = re.compile(r"(docs/(?:algorithm|architecture|protocol|serving|healing)\.md)|§(\d+(?:\.\d+)?)")
 
 
 def test_every_section_reference_in_the_code_resolves() -> None:

@@ -164,7 +164,7 @@ def test_report_with_evals_speed_and_price(pruned_run, tmp_path):
     assert "| decode USD per 1M tokens at $3.6/h | $20.00 | $12.50 | 62.5% |" in md
     assert "## Timings of the run" in md and "13 min 03 s" in md and "26 min 15 s" in md
     assert "first parent KL" in md and "0.4400" in md
-    for name in PLOTS.values():
+    for name in (v for k, v in PLOTS.items() if k != "heal"):  # heal: a healed run's (test_heal)
         assert f"]({name})" in md  # relative link beside report.md
         assert _is_png(out / "report" / name), name
 

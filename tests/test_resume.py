@@ -8,11 +8,9 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from conftest import kill_when
 
 from tyr.cli import main
 from tyr.infra import locked
@@ -36,24 +34,6 @@ def _outcome(out: Path) -> tuple[list[list[int]], str]:
     return [it["genome"] for it in res["search"]["iterations"]], weights
 
 
-def _kill_when(argv: list[str], trigger: Path, timeout: float = 120) -> bool:
-    """Run `tyr` in a child process and SIGKILL it as soon as `trigger` exists; False when the
-    run ended before that."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tyr", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if trigger.exists():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait()
-    return False
-
-
 def test_killed_runs_resume_to_identical_bytes(tiny_dir, calib_txt, tmp_path):
     ref = tmp_path / "ref"
     assert main(_argv(tiny_dir, calib_txt, ref, tmp_path / "w-ref")) == 0
@@ -69,7 +49,7 @@ def test_killed_runs_resume_to_identical_bytes(tiny_dir, calib_txt, tmp_path):
         sn / "iter2" / "search.ckpt.json",  # during the second search
     ]
     for trigger in triggers:
-        assert _kill_when(argv, trigger), f"the run finished before {trigger.name} appeared"
+        assert kill_when(argv, trigger), f"the run finished before {trigger.name} appeared"
         assert not out.exists()  # nothing claims to be finished
     assert main(argv) == 0
     assert _outcome(out) == expected

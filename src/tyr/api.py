@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,34 +19,20 @@ from tyr.budget import Shape, Widths
 from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
-from tyr.eval import perplexity
+from tyr.eval import cached_ppl, perplexity
 from tyr.export import GGUFSummary, modeling_sha256, save_pruned, verify_export, write_card, write_gguf
-from tyr.infra import assets, atomic_json, check_options, dist, fsync_tree, locked, pid_alive
+from tyr.heal import run_heal
+from tyr.infra import assets, check_options, dist, finish_out, locked, prepare_out
 from tyr.loader import Opened, fingerprint, load, load_lazy, load_weights, open_model, resolve, source_gguf
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
+from tyr.record import Result
 from tyr.stream import LazyModel, capture
 from tyr.supernet import SupernetOptions
 
 __all__ = ["Result", "prune"]
 
 log = logging.getLogger("tyr")
-
-
-@dataclass
-class Result:
-    """A finished run: where it was written and the content of its result.json."""
-
-    path: Path
-    data: dict[str, Any]
-
-    @property
-    def sparsity_achieved(self) -> float:
-        return float(self.data["sparsity_achieved"])
-
-    @property
-    def ppl(self) -> dict[str, Any] | None:
-        return self.data.get("ppl")
 
 
 class _Clock:
@@ -60,62 +45,6 @@ class _Clock:
         now = time.perf_counter()
         self.spans[name] = round(self.spans.get(name, 0.0) + now - since, 3)
         return now
-
-
-def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
-    """Validate --out before any work; returns (out, temporary sibling, finished result or None)."""
-    out = Path(cfg.out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {cfg.out} is a file", "give a directory path")
-    if out.is_dir() and any(out.iterdir()):
-        done = None if cfg.overwrite else record.read_if_finished(out, cfg.identity())
-        if done is not None:
-            return out, out, Result(out, dict(done))
-        if not cfg.overwrite:
-            raise UserError(
-                f"--out {cfg.out} is not empty and does not hold this configuration's result",
-                "pass --overwrite or choose another directory",
-            )
-    _remove_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise UserError(
-            f"cannot write --out {cfg.out} ({exc.strerror})", "choose a writable directory"
-        ) from exc
-    return out, tmp, None
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove the temporary siblings of `out` that a killed run left behind."""
-    if not out.parent.is_dir():
-        return
-    for path in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _finish_out(tmp: Path, out: Path) -> None:
-    fsync_tree(tmp)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _dense_ppl_cached(key_parts: dict[str, Any], compute) -> float:
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
-    path = assets.tyr_home() / "ppl" / f"{key}.json"
-    if path.is_file():
-        return float(json.loads(path.read_text())["ppl"])
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_json(path, {**key_parts, "ppl": value})
-    return value
 
 
 def prune(
@@ -155,9 +84,26 @@ def export_gguf(
     return summary
 
 
+def _prepare_out(cfg: PruneConfig) -> tuple[Path, Path, Result | None]:
+    """Validate --out before any work; returns (out, temporary sibling, finished result or None)."""
+    out, tmp, done = prepare_out(cfg.out, cfg.overwrite, lambda o: record.read_if_finished(o, cfg.identity()))
+    return out, tmp, None if done is None else Result(out, dict(done))
+
+
 def run(cfg: PruneConfig, command: str | None = None) -> Result:
     """Run a validated configuration; `command` is what the model card quotes as its origin
-    (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call)."""
+    (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call). With
+    `heal`, the pruned result is then healed (docs/healing.md) into `heal_out`, and the
+    returned result is the healed one."""
+    result = _run_prune(cfg, command)
+    heal = cfg.heal_config()
+    if heal is None or not result.data:  # no healing, or a torchrun worker
+        return result
+    log.info("pruned model written to %s; healing it into %s", result.path, heal.out)
+    return run_heal(heal)
+
+
+def _run_prune(cfg: PruneConfig, command: str | None) -> Result:
     clock = _Clock()
     dist.setup(cfg.device)
     # Every rank reads the same work directory (on several nodes: a shared filesystem).
@@ -276,7 +222,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     }
     write_card(tmp, dict(data), command, run.opened.provenance())
     record.write(tmp, data)
-    _finish_out(tmp, out)
+    finish_out(tmp, out)
     shutil.rmtree(workdir / "stream", ignore_errors=True)
     return Result(out, dict(data))
 
@@ -355,7 +301,7 @@ def _dense_ppl(
         "dtype": cfg.dtype,
         "metric": "ppl/1",
     }
-    dense = _dense_ppl_cached(
+    dense = cached_ppl(
         key,
         lambda: perplexity(
             model,

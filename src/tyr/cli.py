@@ -14,7 +14,15 @@ import shlex
 import sys
 from typing import Any, NoReturn
 
-from tyr.config import PRESET_NAMES, PruneConfig, check_keys, load_config_file, options, parse_set
+from tyr.config import (
+    PRESET_NAMES,
+    HealConfig,
+    PruneConfig,
+    check_keys,
+    load_config_file,
+    options,
+    parse_set,
+)
 from tyr.errors import UserError
 
 __all__ = ["main"]
@@ -43,6 +51,20 @@ def _prune_parser(sub: Any) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one option"
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _heal_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "heal", help="distil a pruned model from its dense teacher", argument_default=argparse.SUPPRESS
+    )
+    p.add_argument("source", help="the --out directory of tyr prune")
+    for name, kind, text in options(HealConfig, skip=("source",)):
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -98,6 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tyr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _prune_parser(sub)
+    _heal_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
     _plan_parser(sub)
@@ -124,6 +147,25 @@ def _prune(ns: argparse.Namespace, argv: list[str]) -> int:
     if not result.data:  # a torchrun worker (rank > 0): rank 0 reports
         return 0
     summary = {k: result.data[k] for k in ("sparsity_target", "sparsity_achieved", "params", "ppl")}
+    if "heal" in result.data:
+        heal = result.data["heal"]
+        summary["heal"] = {"source": heal["source"], **{k: heal[k] for k in ("tokens_run", "ppl")}}
+    print(json.dumps({"out": str(result.path), **summary}, indent=2))
+    return 0
+
+
+def _heal(ns: argparse.Namespace, argv: list[str]) -> int:
+    from tyr.heal import run_heal
+
+    flags = vars(ns)
+    flags.pop("command", None)
+    flags.pop("quiet", None)
+    if "out" not in flags:
+        raise UserError("--out is required", "e.g. tyr heal pruned --out healed")
+    cfg = HealConfig(**check_keys(flags, "the command line", HealConfig))
+    result = run_heal(cfg, command=shlex.join(["tyr", *argv]))
+    heal = result.data["heal"]
+    summary = {k: heal[k] for k in ("mode", "tokens_run", "best_step", "stopped_early", "ppl")}
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
     return 0
 
@@ -196,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()
         if ns.command == "prune":
             return _prune(ns, argv)
+        if ns.command == "heal":
+            return _heal(ns, argv)
         return {"eval": _eval, "report": _report, "plan": _plan, "export": _export}[ns.command](ns)
     except UserError as exc:
         print(f"tyr: error: {exc}", file=sys.stderr)

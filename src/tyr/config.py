@@ -19,6 +19,8 @@ from tyr.supernet import ACCUMULATIONS
 
 __all__ = [
     "FINAL_PASSES",
+    "HEAL_MODES",
+    "HealConfig",
     "PruneConfig",
     "PRESETS",
     "Sizes",
@@ -72,9 +74,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kl_topk": 8192,
     },
 }
+# Training tokens of `tyr heal` by default: sized so that the embedded 135M model's 50 % result
+# heals in under 30 minutes on 2 CPU cores: 24 steps of 8 × 512 (docs/healing.md §3).
+HEAL_TOKENS = 98_304
 DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
 # Options that only change how the result is evaluated, not the work files.
 EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
+# Options of the healing after the prune: they change neither the pruned model nor its work files.
+HEAL_KEYS = ("heal", "heal_out")
 
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -153,6 +160,12 @@ class PruneConfig:
         default=False, metadata=_meta("run Python code shipped with the input checkpoint (auto_map)")
     )
     seed: int = field(default=0, metadata=_meta("seed of every random choice"))
+    heal: int | None = field(
+        default=None, metadata=_meta("then heal the result with this many tokens (tyr heal's defaults)")
+    )
+    heal_out: str | None = field(
+        default=None, metadata=_meta("the healed model's directory (default OUT-healed)")
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.sparsity) < 1.0:
@@ -173,6 +186,7 @@ class PruneConfig:
             "generations",
             "offspring",
             "kl_topk",
+            "heal",
         ):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -215,12 +229,26 @@ class PruneConfig:
     def identity(self) -> str:
         """Hash of everything that changes the result (not where it is written); local input
         files count with their size and modification time, so an edited file is a new run."""
-        return _digest(self._options(exclude=("out", "workdir", "overwrite")))
+        return _digest(self._options(exclude=("out", "workdir", "overwrite", *HEAL_KEYS)))
 
     def work_options(self) -> dict[str, Any]:
         """The options that shape the work directory's files (all but where the result goes and
         how it is evaluated): resuming a work directory requires the same ones."""
-        return self._options(exclude=("out", "workdir", "overwrite", *EVAL_KEYS))
+        return self._options(exclude=("out", "workdir", "overwrite", *EVAL_KEYS, *HEAL_KEYS))
+
+    def heal_config(self) -> HealConfig | None:
+        """The `tyr heal` run that follows the prune (`--heal TOKENS`), or None."""
+        if self.heal is None:
+            return None
+        out = self.heal_out or str(Path(self.out).expanduser()).rstrip("/") + "-healed"
+        return HealConfig(
+            source=self.out,
+            out=out,
+            tokens=self.heal,
+            device=self.device,
+            seed=self.seed,
+            overwrite=self.overwrite,
+        )
 
     def work_identity(self) -> str:
         return _digest(self.work_options())
@@ -229,6 +257,121 @@ class PruneConfig:
         keep: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in exclude}
         for key in ("model", "calib", "eval_data"):
             value = keep.get(key)
+            path = Path(value).expanduser() if value else None
+            if path is not None and path.exists():
+                files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
+                keep[key + "_files"] = [[q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in files]
+        return keep
+
+
+HEAL_MODES = ("full", "lora")
+HEAL_LR = {"full": 1e-4, "lora": 1e-3}  # the default learning rate of each mode
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """A `tyr heal` run: distillation of a pruned model from its dense teacher (docs/healing.md)."""
+
+    source: str = field(metadata=_meta("the --out directory of tyr prune"))
+    out: str = field(metadata=_meta("output directory of the healed model (written atomically)"))
+    teacher: str | None = field(
+        default=None, metadata=_meta("dense teacher (default: the model the source was pruned from)")
+    )
+    data: str | None = field(
+        default=None,
+        metadata=_meta(
+            "training text, sources as --calib (default: the prune's calibration source without"
+            " the windows it calibrated on)"
+        ),
+    )
+    tokens: int = field(default=HEAL_TOKENS, metadata=_meta("training tokens (the budget)"))
+    seq_len: int | None = field(default=None, metadata=_meta("sequence length (default: the prune's)"))
+    batch_size: int = field(default=8, metadata=_meta("sequences per optimizer step"))
+    micro_batch: int = field(default=2, metadata=_meta("sequences per forward (gradients accumulate)"))
+    mode: str = field(
+        default="full",
+        metadata=_meta("full = every kept weight trains; lora = adapters, merged at the end", HEAL_MODES),
+    )
+    lr: float | None = field(
+        default=None, metadata=_meta("peak learning rate (default 1e-4 full, 1e-3 lora)")
+    )
+    warmup: float = field(default=0.05, metadata=_meta("fraction of the steps of linear warm-up"))
+    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay"))
+    temperature: float = field(default=1.0, metadata=_meta("distillation temperature"))
+    kl_topk: int | None = field(
+        default=None, metadata=_meta("teacher logits kept per position (default: the whole vocabulary)")
+    )
+    lm_weight: float = field(default=0.0, metadata=_meta("weight of the next-token loss added to the KL"))
+    lora_rank: int = field(default=16, metadata=_meta("LoRA rank"))
+    lora_alpha: float | None = field(default=None, metadata=_meta("LoRA alpha (default 2 × rank)"))
+    eval_every: int = field(default=8, metadata=_meta("steps between held-out perplexity points"))
+    curve_tokens: int = field(default=8192, metadata=_meta("held-out tokens of each curve point"))
+    save_every: int = field(default=8, metadata=_meta("steps between checkpoints"))
+    eval_data: str | None = field(
+        default=None, metadata=_meta("held-out perplexity source (default: the prune's)")
+    )
+    eval_tokens: int | None = field(
+        default=None, metadata=_meta("held-out tokens before and after (default: the prune's)")
+    )
+    zeroshot: int | None = field(
+        default=None,
+        metadata=_meta("also zero-shot before and after, this many questions per task"),
+    )
+    grad_checkpointing: bool = field(default=False, metadata=_meta("recompute activations in backward"))
+    workdir: str | None = field(default=None, metadata=_meta("work files; default $TYR_HOME/heal/<hash>"))
+    overwrite: bool = field(default=False, metadata=_meta("replace a non-empty --out"))
+    device: str = field(default="cpu", metadata=_meta("compute device", ("cpu", "cuda")))
+    seed: int = field(default=0, metadata=_meta("seed of the data order and the adapters' initialisation"))
+
+    def __post_init__(self) -> None:
+        if self.mode not in HEAL_MODES:
+            raise UserError(f"mode={self.mode!r} is not valid", f"choose one of {', '.join(HEAL_MODES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"device={self.device!r} is not valid", "choose cpu or cuda")
+        for key in (
+            *("tokens", "seq_len", "batch_size", "micro_batch", "kl_topk", "lora_rank"),
+            *("eval_every", "curve_tokens", "save_every", "eval_tokens", "zeroshot"),
+        ):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise UserError(f"{key}={value} must be positive", "give a positive integer")
+        for key in ("lr", "temperature", "lora_alpha"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise UserError(f"{key}={value} must be positive", "give a positive number")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"warmup={self.warmup} is outside [0, 1)", "e.g. 0.05")
+        if self.lm_weight < 0 or self.weight_decay < 0:
+            raise UserError("lm_weight and weight_decay cannot be negative", "give 0 or more")
+        if self.micro_batch > self.batch_size:
+            raise UserError(
+                f"micro_batch={self.micro_batch} exceeds batch_size={self.batch_size}", "lower micro_batch"
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else HEAL_LR[self.mode]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> str:
+        """Hash of everything that changes the healed model and its numbers, the source's files
+        included (names, sizes, modification times)."""
+        return _digest(self._options(("out", "workdir", "overwrite")))
+
+    def work_options(self) -> dict[str, Any]:
+        """The options that shape the work directory (resuming requires the same ones)."""
+        return self._options(("out", "workdir", "overwrite", "eval_tokens", "zeroshot"))
+
+    def work_identity(self) -> str:
+        return _digest(self.work_options())
+
+    def _options(self, exclude: tuple[str, ...]) -> dict[str, Any]:
+        keep: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        keep["source"] = str(Path(self.source).expanduser().resolve())
+        for key in ("source", "teacher", "data", "eval_data"):
+            value = getattr(self, key)
             path = Path(value).expanduser() if value else None
             if path is not None and path.exists():
                 files = [path] if path.is_file() else sorted(q for q in path.iterdir() if q.is_file())
@@ -254,14 +397,15 @@ def _int_list(key: str, value: str | None) -> tuple[int, ...] | None:
     return out
 
 
-def options() -> list[tuple[str, type, str]]:
-    """(name, type, help) of every option but the model, for the command line: the help and
-    the choices come from the field metadata, the type from the annotation."""
+def options(cls: type = PruneConfig, skip: tuple[str, ...] = ("model",)) -> list[tuple[str, type, str]]:
+    """(name, type, help) of every option of `cls` but those in `skip` (the positional
+    arguments), for the command line: the help and the choices come from the field metadata,
+    the type from the annotation."""
     out = []
-    for f in fields(PruneConfig):
-        if f.name == "model":
+    for f in fields(cls):
+        if f.name in skip:
             continue
-        kind = _field_types()[f.name]
+        kind = _field_types(cls)[f.name]
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         text = f.metadata["help"]
@@ -273,13 +417,13 @@ def options() -> list[tuple[str, type, str]]:
     return out
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(PruneConfig)
-    return {f.name: hints[f.name] for f in fields(PruneConfig)}
+def _field_types(cls: type = PruneConfig) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    kind = _field_types()[key]
+def _coerce(key: str, value: Any, cls: type = PruneConfig) -> Any:
+    kind = _field_types(cls)[key]
     if isinstance(kind, types.UnionType):  # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -296,8 +440,10 @@ def _coerce(key: str, value: Any) -> Any:
         raise UserError(f"{key}={value!r} is not a valid {kind.__name__}", "fix the value") from exc
 
 
-def check_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
-    known = _field_types()
+def check_keys(values: dict[str, Any], where: str, cls: type = PruneConfig) -> dict[str, Any]:
+    """`values` with every key an option of `cls` (else a UserError naming the closest) and
+    every value coerced to the option's type."""
+    known = _field_types(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         close = [m for k in unknown for m in difflib.get_close_matches(k, known, n=1)]
@@ -305,7 +451,7 @@ def check_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise UserError(
             f"unknown key(s) {', '.join(unknown)} in {where}{hint}", f"known keys: {', '.join(known)}"
         )
-    return {k: _coerce(k, v) for k, v in values.items()}
+    return {k: _coerce(k, v, cls) for k, v in values.items()}
 
 
 def load_config_file(path: str) -> dict[str, Any]:

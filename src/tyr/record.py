@@ -9,6 +9,7 @@ the user-facing contract of the README; new keys may be added, none renamed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -17,6 +18,7 @@ from tyr.errors import UserError
 from tyr.infra import atomic_json
 
 __all__ = [
+    "Result",
     "SCHEMA",
     "FILE",
     "Record",
@@ -35,6 +37,22 @@ SCHEMA = "tyr.result/1"
 FILE = "result.json"
 GGUF_FILE = "gguf.json"
 GGUF_SCHEMA = "tyr.gguf/1"
+
+
+@dataclass
+class Result:
+    """A finished run (`tyr prune` or `tyr heal`): where it was written and its result.json."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def sparsity_achieved(self) -> float:
+        return float(self.data["sparsity_achieved"])
+
+    @property
+    def ppl(self) -> dict[str, Any] | None:
+        return self.data.get("ppl")
 
 
 class Params(TypedDict):
@@ -102,6 +120,7 @@ class Record(TypedDict, total=False):
     modeling_sha256: str
     seed: int
     machine: Machine
+    heal: dict[str, Any]  # tyr heal only: what the distillation did (docs/healing.md §4)
 
 
 def layer_rows(meta: list[dict[str, Any]], shape: Shape) -> list[Layer]:

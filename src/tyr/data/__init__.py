@@ -17,7 +17,9 @@ from tyr.data.text import (
     load_text,
     token_batches,
     tokenize,
+    unused_windows,
     wiki_text,
+    window_picks,
     windows,
 )
 
@@ -27,6 +29,8 @@ __all__ = [
     "load_text",
     "tokenize",
     "token_batches",
+    "window_picks",
+    "unused_windows",
     "windows",
     "Doc",
     "Task",

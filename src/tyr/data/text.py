@@ -19,7 +19,16 @@ from torch import Tensor
 from tyr.errors import UserError
 from tyr.infra import assets
 
-__all__ = ["WIKI_MEMBER", "wiki_text", "load_text", "tokenize", "token_batches", "windows"]
+__all__ = [
+    "WIKI_MEMBER",
+    "wiki_text",
+    "load_text",
+    "tokenize",
+    "token_batches",
+    "window_picks",
+    "unused_windows",
+    "windows",
+]
 
 log = logging.getLogger("tyr")
 
@@ -137,9 +146,26 @@ def token_batches(ids: Tensor, n_tokens: int, seq_len: int, *, seed: int | None 
     windows = ids[: available * seq_len].view(available, seq_len)
     if seed is None:
         return windows[:n_seq].clone()
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(available, generator=g)[:n_seq]
-    return windows[pick].clone()
+    return windows[window_picks(available, n_seq, seed)].clone()
+
+
+def window_picks(available: int, n_seq: int, seed: int | None) -> Tensor:
+    """Which of `available` consecutive windows :func:`token_batches` takes: the first n_seq
+    (seed None), or n_seq distinct ones drawn with `seed`."""
+    if seed is None:
+        return torch.arange(n_seq)
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_seq]
+
+
+def unused_windows(ids: Tensor, seq_len: int, used: Tensor, seed: int) -> Tensor:
+    """The consecutive [seq_len] windows of `ids` that hold no token marked in `used` (a bool
+    mask over `ids`, e.g. the calibration windows of a prune), in an order drawn with `seed`."""
+    available = ids.numel() // seq_len
+    taken = used[: available * seq_len].view(available, seq_len).any(dim=1)
+    free = ids[: available * seq_len].view(available, seq_len)[~taken]
+    if free.shape[0] == 0:
+        raise UserError("every window of the text was used for calibration", "give another --data")
+    return free[torch.randperm(free.shape[0], generator=torch.Generator().manual_seed(seed))].clone()
 
 
 def windows(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tyr.eval.ppl import (
     LOGIT_ELEMENTS,
+    cached_ppl,
     nll_sum,
     perplexity,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "LOGIT_ELEMENTS",
     "nll_sum",
     "perplexity",
+    "cached_ppl",
     "SCHEMA",
     "evaluate",
     "score_doc",

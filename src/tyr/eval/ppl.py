@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +15,10 @@ from tqdm.auto import tqdm
 
 from tyr import arch
 from tyr.arch import ArchSpec
+from tyr.infra import assets, atomic_json
 from tyr.stream import LazyModel, capture, on_device, run_blocks
 
-__all__ = ["LOGIT_ELEMENTS", "nll_sum", "perplexity"]
+__all__ = ["LOGIT_ELEMENTS", "nll_sum", "perplexity", "cached_ppl"]
 
 LOGIT_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB), whatever the batch and vocabulary
 
@@ -70,4 +75,18 @@ def perplexity(
     finally:
         bar.close()
         inputs.close()
-    return math.exp(total / count)
+    nll = total / count
+    return math.exp(nll) if nll < 709 else math.inf  # beyond a double: a broken model
+
+
+def cached_ppl(key_parts: dict[str, Any], compute: Callable[[], float]) -> float:
+    """`compute()`, remembered under $TYR_HOME/ppl by `key_parts` (what the number depends on:
+    the weights' fingerprint, the source, the tokens, the sequence length, the dtype)."""
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
+    path = assets.tyr_home() / "ppl" / f"{key}.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["ppl"])
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_json(path, {**key_parts, "ppl": value})
+    return value

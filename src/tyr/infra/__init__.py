@@ -17,9 +17,11 @@ from tyr.infra.workdir import (
     atomic_json,
     atomic_write,
     check_options,
+    finish_out,
     fsync_tree,
     locked,
     pid_alive,
+    prepare_out,
 )
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "locked",
     "check_options",
     "pid_alive",
+    "prepare_out",
+    "finish_out",
     "Asset",
     "ASSETS",
     "tyr_home",

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tyr.errors import UserError
 
-__all__ = ["atomic_write", "atomic_json", "fsync_tree", "locked", "check_options", "pid_alive"]
+__all__ = [
+    "atomic_write",
+    "atomic_json",
+    "fsync_tree",
+    "locked",
+    "check_options",
+    "pid_alive",
+    "prepare_out",
+    "finish_out",
+]
+
+T = TypeVar("T")
 
 OPTIONS = "options.json"
 LOCK = "lock"
@@ -125,3 +137,53 @@ def check_options(workdir: Path, options: dict[str, Any], record: bool) -> None:
 def _show(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prepare_out(
+    out_arg: str, overwrite: bool, finished: Callable[[Path], T | None]
+) -> tuple[Path, Path, T | None]:
+    """Validate an output directory before any work: returns (out, its temporary sibling to
+    write into, None), or (out, out, what `finished(out)` found) when `out` already holds this
+    run's result. A non-empty `out` that does not is refused unless `overwrite`."""
+    out = Path(out_arg).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out_arg} is a file", "give a directory path")
+    if out.is_dir() and any(out.iterdir()):
+        done = None if overwrite else finished(out)
+        if done is not None:
+            return out, out, done
+        if not overwrite:
+            raise UserError(
+                f"--out {out_arg} is not empty and does not hold this configuration's result",
+                "pass --overwrite or choose another directory",
+            )
+    _remove_stale(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write --out {out_arg} ({exc.strerror})", "choose a writable directory"
+        ) from exc
+    return out, tmp, None
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary siblings of `out` that a killed run left behind."""
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def finish_out(tmp: Path, out: Path) -> None:
+    """Move a fully written temporary sibling into place as `out` (replacing an old one)."""
+    fsync_tree(tmp)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -104,7 +104,10 @@ class TyrAttention(nn.Module):
 
     def _kv_index(self, device: torch.device) -> Tensor:
         if self._index is None or self._index.device != device:
-            self._index = torch.tensor(self.q_to_kv, dtype=torch.long, device=device)
+            # A normal tensor even when first made under inference mode (an evaluation): a
+            # cached inference tensor could not be saved for a later backward (training).
+            with torch.inference_mode(False):
+                self._index = torch.tensor(self.q_to_kv, dtype=torch.long, device=device)
         return self._index
 
     def _part(self, i: int) -> Any:

@@ -20,7 +20,14 @@ from tyr import record
 from tyr.data import PAPER7
 from tyr.eval import SCHEMA as EVAL_SCHEMA
 from tyr.report.fmt import DASH, fmt_bytes, fmt_params, fmt_pct, fmt_rate, fmt_ratio, fmt_seconds, fmt_usd
-from tyr.report.plots import fitness_points, matplotlib_ok, plot_accuracy, plot_fitness, plot_sparsity
+from tyr.report.plots import (
+    fitness_points,
+    matplotlib_ok,
+    plot_accuracy,
+    plot_fitness,
+    plot_heal,
+    plot_sparsity,
+)
 from tyr.report.quality import (
     TASK_NAMES,
     above_chance_retention,
@@ -41,7 +48,12 @@ __all__ = [
 
 log = logging.getLogger("tyr")
 
-PLOTS = {"sparsity": "sparsity_per_block.png", "fitness": "fitness.png", "accuracy": "accuracy.png"}
+PLOTS = {
+    "sparsity": "sparsity_per_block.png",
+    "fitness": "fitness.png",
+    "accuracy": "accuracy.png",
+    "heal": "heal.png",
+}
 
 
 # ---------------------------------------------------------------- reading
@@ -414,6 +426,46 @@ def _gguf(out_dir: Path) -> list[str]:
     )
 
 
+def _heal(res: dict[str, Any], dest: Path, plots: bool) -> list[str]:
+    """Dense, pruned and healed side by side, when this directory is the output of `tyr heal`."""
+    heal = res.get("heal")
+    if not heal:
+        return []
+    p, z = heal["ppl"], heal.get("zeroshot") or {}
+    rows = [
+        ["held-out PPL", f"{p['dense']:.2f}", f"{p['before']:.2f}", f"{p['after']:.2f}"],
+        [
+            "PPL ÷ dense",
+            "1.00×",
+            fmt_ratio(_div(p["before"], p["dense"])),
+            fmt_ratio(_div(p["after"], p["dense"])),
+        ],
+    ]
+    if z:
+        rows.append(["paper-7 mean", *(fmt_pct(z.get(f"paper7_{w}")) for w in ("dense", "before", "after"))])
+        rows.append(
+            [
+                "above-chance retention",
+                "100 %",
+                fmt_pct(z.get("above_chance_before")),
+                fmt_pct(z.get("above_chance_after")),
+            ]
+        )
+    lines = ["", "## Healing", ""]
+    lines += _table(["", "dense", "pruned", "healed"], rows)
+    stop = "; stopped early: the curve rose above the start" if heal["stopped_early"] else ""
+    lines += [
+        "",
+        f"`tyr heal` ({heal['mode']}): {heal['steps_run']} steps, {heal['tokens_run']:,} tokens of"
+        f" {heal['data']}, best curve point at step {heal['best_step']}{stop};"
+        f" {fmt_seconds(float(heal['seconds']))}. Perplexity on {p['tokens']:,} tokens of {p['source']}.",
+    ]
+    if plots and len(heal.get("curve") or []) > 1:
+        plot_heal(heal["curve"], dest / PLOTS["heal"])
+        lines += ["", f"![held-out perplexity while healing]({PLOTS['heal']})"]
+    return lines
+
+
 def _layers(res: dict[str, Any]) -> list[str]:
     rows = [
         [
@@ -504,6 +556,7 @@ def build_report(
         plot_accuracy(da, pa, dest / PLOTS["accuracy"])
         md += ["", f"![accuracy per task, dense vs pruned]({PLOTS['accuracy']})"]
 
+    md += _heal(res, dest, plots)
     md += ["", "## Deployment", "", *_deployment(speed_dense, speed_pruned, usd_per_hour, speed_notes)]
     md += _gguf(out_dir)
 

@@ -8,7 +8,14 @@ from typing import Any
 from tyr.data import CHANCE
 from tyr.report.quality import TASK_NAMES, in_order
 
-__all__ = ["plot_sparsity", "plot_fitness", "plot_accuracy", "fitness_points", "matplotlib_ok"]
+__all__ = [
+    "plot_sparsity",
+    "plot_fitness",
+    "plot_accuracy",
+    "plot_heal",
+    "fitness_points",
+    "matplotlib_ok",
+]
 
 
 def matplotlib_ok() -> bool:
@@ -100,4 +107,16 @@ def plot_accuracy(dense: dict[str, float], pruned: dict[str, float], path: Path)
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
+def plot_heal(curve: list[dict[str, Any]], path: Path) -> None:
+    """Held-out perplexity of the curve points of `tyr heal` against training tokens."""
+    fig = _figure(6.0, 3.4)
+    ax = fig.add_subplot()
+    ax.plot(
+        [p["tokens"] for p in curve], [p["ppl"] for p in curve], marker="o", markersize=3, label="student"
+    )
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity (curve slice)")
     _save(fig, path)

@@ -16,6 +16,7 @@ from tyr.search.fitness import (
     KLFitness,
     LiveModel,
     TeacherCache,
+    kl_positions,
     topk_kl,
 )
 from tyr.search.space import (
@@ -30,6 +31,7 @@ __all__ = [
     "offspring",
     "Generation",
     "evolve",
+    "kl_positions",
     "topk_kl",
     "TeacherCache",
     "LiveModel",

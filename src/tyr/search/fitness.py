@@ -30,7 +30,23 @@ from tyr.supernet import Candidate, Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["topk_kl", "TeacherCache", "LiveModel", "KLFitness"]
+__all__ = ["kl_positions", "topk_kl", "TeacherCache", "LiveModel", "KLFitness"]
+
+
+def kl_positions(student: Tensor, t_vals: Tensor, t_idx: Tensor | None = None) -> Tensor:
+    """KL(teacher ‖ student) at each position but the last of each sequence, [B, T-1], with
+    autograd: over the teacher's top-k when `t_idx` is given (both distributions renormalised
+    over those k; `student` gathered there when its last dim ≠ k), else over the whole
+    vocabulary (`t_vals` then holds the teacher's full logits)."""
+    s = student.float()
+    t_vals = t_vals.to(s.device)
+    if t_idx is not None:
+        t_idx = t_idx.to(s.device)
+        if s.shape[-1] != t_idx.shape[-1]:
+            s = s.gather(-1, t_idx.long())
+    lt = torch.log_softmax(t_vals.float(), dim=-1)[:, :-1]
+    ls = torch.log_softmax(s, dim=-1)[:, :-1]
+    return (lt.exp() * (lt - ls)).sum(-1)
 
 
 def topk_kl(student: Tensor, t_vals: Tensor, t_idx: Tensor) -> tuple[float, int]:
@@ -39,13 +55,7 @@ def topk_kl(student: Tensor, t_vals: Tensor, t_idx: Tensor) -> tuple[float, int]
     student: [B, T, V] or [B, T, k] already gathered (gathered when its last dim ≠ V);
     t_vals / t_idx: [B, T, k]. The last position of each sequence is dropped.
     """
-    s = student.float()
-    t_vals, t_idx = t_vals.to(s.device), t_idx.to(s.device)
-    if s.shape[-1] != t_idx.shape[-1]:
-        s = s.gather(-1, t_idx.long())
-    lt = torch.log_softmax(t_vals.float(), dim=-1)[:, :-1]
-    ls = torch.log_softmax(s, dim=-1)[:, :-1]
-    kl = (lt.exp() * (lt - ls)).sum(-1)
+    kl = kl_positions(student, t_vals, t_idx)
     return float(kl.sum()), kl.numel()
 
 

@@ -18,18 +18,21 @@ from tyr.config import HealConfig
 from tyr.heal import batch_rows, distill_loss, lr_factor
 
 
-@pytest.fixture
-def pruned(tiny_dir: Path, calib_txt: Path, tmp_path: Path) -> Path:
+def _prune_argv(tiny_dir: Path, calib_txt: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """A uniform 50 % prune of the tiny model, evaluated on a held-out text of its own."""
     heldout = tmp_path / "heldout.txt"
     heldout.write_text(tiny_text(1200, seed=5))
-    out = tmp_path / "pruned"
-    argv = [
-        "prune", str(tiny_dir), "--sparsity", "0.5", "--method", "uniform", "--out", str(out),
+    return [
+        "prune", str(tiny_dir), "--sparsity", "0.5", "--method", "uniform", "--out", str(tmp_path / "pruned"),
         "--calib", str(calib_txt), "--calib-tokens", "512", "--seq-len", "32",
-        "--eval-data", str(heldout), "--eval-tokens", "256",
+        "--eval-data", str(heldout), "--eval-tokens", "256", *extra,
     ]  # fmt: skip
-    assert main(argv) == 0
-    return out
+
+
+@pytest.fixture
+def pruned(tiny_dir: Path, calib_txt: Path, tmp_path: Path) -> Path:
+    assert main(_prune_argv(tiny_dir, calib_txt, tmp_path)) == 0
+    return tmp_path / "pruned"
 
 
 def _heal_argv(pruned: Path, out: Path, workdir: Path, *extra: str) -> list[str]:
@@ -164,14 +167,8 @@ def test_bad_heal_input_fails_with_one_line(pruned, tiny_dir, tmp_path, capsys):
 
 
 def test_prune_then_heal_in_one_command(tiny_dir, calib_txt, tmp_path, capsys):
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text(tiny_text(1200, seed=5))
     out = tmp_path / "pruned"
-    argv = [
-        "prune", str(tiny_dir), "--sparsity", "0.5", "--method", "uniform", "--out", str(out),
-        "--calib", str(calib_txt), "--calib-tokens", "512", "--seq-len", "32",
-        "--eval-data", str(heldout), "--eval-tokens", "256", "--heal", "1024",
-    ]  # fmt: skip
+    argv = _prune_argv(tiny_dir, calib_txt, tmp_path, "--heal", "1024")
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     healed = tmp_path / "pruned-healed"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tyr.infra import atomic_writer
 from tyr.search import kl_positions
 
 __all__ = ["TrainOptions", "Outcome", "distill_loss", "lr_factor", "batch_rows", "train"]
@@ -111,16 +111,8 @@ def _trainable(net: nn.Module) -> dict[str, Tensor]:
 
 def _save(path: Path, obj: Any) -> None:
     """torch.save through a temporary sibling, fsync and rename: a kill leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        torch.save(obj, f)
 
 
 def _weights(net: nn.Module) -> dict[str, Tensor]:

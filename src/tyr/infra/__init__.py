@@ -16,6 +16,7 @@ from tyr.infra.assets import (
 from tyr.infra.workdir import (
     atomic_json,
     atomic_write,
+    atomic_writer,
     check_options,
     finish_out,
     fsync_tree,
@@ -26,6 +27,7 @@ from tyr.infra.workdir import (
 
 __all__ = [
     "atomic_write",
+    "atomic_writer",
     "atomic_json",
     "fsync_tree",
     "locked",

@@ -14,11 +14,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from tyr.errors import UserError
 
 __all__ = [
+    "atomic_writer",
     "atomic_write",
     "atomic_json",
     "fsync_tree",
@@ -35,18 +36,26 @@ OPTIONS = "options.json"
 LOCK = "lock"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling, fsync and rename."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` when the block ends (temporary sibling, fsync,
+    rename); an exception leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling, fsync and rename."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_json(path: Path, data: Any, indent: int | None = 1) -> None:

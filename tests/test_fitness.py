@@ -13,7 +13,7 @@ from test_supernet import _sublayers
 from tyr import arch, budget
 from tyr.budget import KINDS, Gene, layout
 from tyr.modeling import LayerPlan, mask_plans
-from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _head_logits, _reference, topk_kl
+from tyr.search.fitness import KLFitness, LiveModel, TeacherCache, _reference, head_logits, topk_kl
 from tyr.stream import capture
 from tyr.supernet import Store, SupernetOptions, build
 
@@ -42,7 +42,7 @@ def test_head_logits_equal_the_full_head():
     with torch.inference_mode():
         full = model(ids).logits.float().gather(-1, idx)
         h = model.model(input_ids=ids).last_hidden_state
-        assert torch.allclose(_head_logits(model, spec, h, idx, chunk=4), full, atol=1e-5)
+        assert torch.allclose(head_logits(model, spec, h, idx, chunk=4), full, atol=1e-5)
 
 
 def test_reference_is_the_parent_of_offspring():

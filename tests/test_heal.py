@@ -132,6 +132,39 @@ def test_lora_merge_gives_the_unmerged_logits():
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_top_k_step_gathers_the_head_rows_with_the_full_logits_gradient(mode):
+    """The top-k step's student logits come from the teacher's k head rows only; loss and
+    gradients are those of the same KL taken from the full logits (the tied embedding too)."""
+    from tyr import arch
+    from tyr.heal.distill import TrainOptions, _step
+    from tyr.heal.run import _trainable
+
+    teacher, sliced, _, _ = pruned_pair("llama", "free")
+    spec = arch.spec_for(sliced)
+    with torch.no_grad():
+        for p in sliced.parameters():  # a student that differs from its teacher
+            p.add_(torch.randn_like(p), alpha=0.05)
+    net, _ = _trainable(sliced, spec, HealConfig(source="unused", out="unused", mode=mode, lora_rank=4))
+    ids = calib_ids(5, n=4, T=10)
+    opt = TrainOptions(
+        steps=1, batch_size=4, micro_batch=2, lr=1e-3, warmup=0.0, weight_decay=0.0, temperature=2.0,
+        kl_topk=5, lm_weight=0.0, eval_every=1, save_every=1, seed=0,
+    )  # fmt: skip
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    loss = _step(net, teacher, ids, opt, spec)
+    gathered = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t = teacher(ids).logits
+    reference = distill_loss(net(ids).logits, t, ids, temperature=2.0, topk=5)
+    reference.backward()
+    assert loss == pytest.approx(float(reference), rel=1e-5)
+    assert set(gathered) == {n for n, p in params.items() if p.grad is not None} and gathered
+    for n, g in gathered.items():
+        torch.testing.assert_close(g, params[n].grad, rtol=1e-4, atol=1e-6)
+
+
 def test_lora_heal_keeps_the_shapes(pruned, tmp_path):
     out = tmp_path / "healed"
     assert main([*_heal_argv(pruned, out, tmp_path / "w"), "--mode", "lora", "--lora-rank", "4"]) == 0

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tyr import arch
+from tyr.arch import ArchSpec
 from tyr.infra import atomic_writer
-from tyr.search import kl_positions
+from tyr.search import head_logits, kl_positions
 
 __all__ = ["TrainOptions", "Outcome", "distill_loss", "lr_factor", "batch_rows", "train"]
 
@@ -37,12 +39,19 @@ def distill_loss(
     temperature: float = 1.0,
     topk: int | None = None,
     lm_weight: float = 0.0,
+    t_idx: Tensor | None = None,
 ) -> Tensor:
     """Mean over positions of T²·KL(teacher_T ‖ student_T), over the teacher's top-k logits
     (both renormalised there, as the search's fitness) or the whole vocabulary; plus
-    `lm_weight` × the next-token cross-entropy of the student on `ids`. Logits [B, L, V]."""
+    `lm_weight` × the next-token cross-entropy of the student on `ids`. Logits [B, L, V]; or,
+    with `t_idx` [B, L, k], the student's logits already taken at the teacher's top-k indices
+    and `teacher` those k values (no LM loss then: it needs the whole vocabulary)."""
     s, t = student.float() / temperature, teacher.float() / temperature
-    if topk is not None and topk < t.shape[-1]:
+    if t_idx is not None:
+        if lm_weight:
+            raise ValueError("the LM loss needs the student's logits over the whole vocabulary")
+        kl = kl_positions(s, t, t_idx)
+    elif topk is not None and topk < t.shape[-1]:
         vals, idx = t.topk(topk, dim=-1)
         kl = kl_positions(s, vals, idx)
     else:
@@ -142,6 +151,7 @@ def train(
     opt: TrainOptions,
     workdir: Path,
     held_out_ppl: Callable[[], float],
+    spec: ArchSpec,
 ) -> Outcome:
     """Train the student's trainable parameters for `opt.steps` steps of `opt.batch_size`
     windows; every `eval_every` steps the held-out perplexity is a curve point, and a point
@@ -182,7 +192,7 @@ def train(
             t0 = time.perf_counter()
             student.train()
             rows = batch_rows(step, opt.batch_size, windows.shape[0], opt.seed)
-            loss = _step(student, teacher, windows[rows], opt)
+            loss = _step(student, teacher, windows[rows], opt, spec)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
@@ -238,24 +248,45 @@ def train(
     return out
 
 
-def _step(student: nn.Module, teacher: nn.Module, batch: Tensor, opt: TrainOptions) -> float:
-    """One accumulated gradient over `batch`, in micro-batches; returns the mean loss."""
+def _step(student: nn.Module, teacher: nn.Module, batch: Tensor, opt: TrainOptions, spec: ArchSpec) -> float:
+    """One accumulated gradient over `batch`, in micro-batches; returns the mean loss. With a
+    top-k KL and no LM loss, the student's LM head multiplies only the teacher's k rows per
+    position (as the fitness does), which saves most of the head's and the loss's work."""
     device = next(student.parameters()).device
+    gather = opt.kl_topk is not None and not opt.lm_weight
     total = 0.0
     for part in batch.split(opt.micro_batch):
         ids = part.to(device)
         with _autocast(opt.device):
             with torch.no_grad():
                 t_logits = teacher(ids).logits
-            s_logits = student(ids).logits
-            loss = distill_loss(
-                s_logits,
-                t_logits,
-                ids,
-                temperature=opt.temperature,
-                topk=opt.kl_topk,
-                lm_weight=opt.lm_weight,
-            )
+            if gather and opt.kl_topk is not None and opt.kl_topk < t_logits.shape[-1]:
+                t_vals, t_idx = t_logits.topk(opt.kl_topk, dim=-1)
+                base = _hf_model(student)
+                h = arch.get_module(base, _decoder_path(spec))(ids).last_hidden_state
+                loss = distill_loss(
+                    head_logits(base, spec, h, t_idx), t_vals, ids, temperature=opt.temperature, t_idx=t_idx
+                )
+            else:
+                loss = distill_loss(
+                    student(ids).logits,
+                    t_logits,
+                    ids,
+                    temperature=opt.temperature,
+                    topk=opt.kl_topk,
+                    lm_weight=opt.lm_weight,
+                )
         (loss * (part.shape[0] / batch.shape[0])).backward()
         total += float(loss.detach()) * part.shape[0]
     return total / batch.shape[0]
+
+
+def _hf_model(net: nn.Module) -> nn.Module:
+    """The causal-LM module under a peft wrapper (adapters stay injected in it)."""
+    get_base = getattr(net, "get_base_model", None)
+    return get_base() if callable(get_base) else net
+
+
+def _decoder_path(spec: ArchSpec) -> str:
+    """The decoder stack whose output is the final-normed hidden state: the final norm's parent."""
+    return spec.final_norm.rpartition(".")[0]

@@ -158,7 +158,7 @@ def _heal(
     if cfg.grad_checkpointing:
         hf_student.gradient_checkpointing_enable()
     outcome = train(
-        net, teacher, train_windows, opt, workdir, lambda: ppl_of(student, curve_windows, "curve")
+        net, teacher, train_windows, opt, workdir, lambda: ppl_of(student, curve_windows, "curve"), spec
     )
     if cfg.grad_checkpointing:
         hf_student.gradient_checkpointing_disable()

@@ -16,6 +16,7 @@ from tyr.search.fitness import (
     KLFitness,
     LiveModel,
     TeacherCache,
+    head_logits,
     kl_positions,
     topk_kl,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Generation",
     "evolve",
     "kl_positions",
+    "head_logits",
     "topk_kl",
     "TeacherCache",
     "LiveModel",

@@ -183,7 +183,7 @@ def _too_big(model: nn.Module, device: str) -> bool:
     return size > 0.8 * free
 
 
-def _head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chunk: int = 16) -> Tensor:
+def head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chunk: int = 16) -> Tensor:
     """Logits of final hidden states `h` [B, T, d] at the teacher's top-k indices, [B, T, k]
     fp32: only those k rows of the LM head are multiplied (k·d instead of V·d per position), in
     position chunks (§7.5)."""
@@ -209,7 +209,7 @@ def _softcap(model: nn.Module, z: Tensor) -> Tensor:
 
 def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256) -> Tensor:
     """Logits of final hidden states `h` [B, T, d] over the whole vocabulary, [B, T, V] fp32,
-    with the arithmetic of :func:`_head_logits`, in position chunks."""
+    with the arithmetic of :func:`head_logits`, in position chunks."""
     head = arch.get_module(model, spec.lm_head)
     W = head.weight.float()
     h = h.to(W.device).float()
@@ -304,7 +304,7 @@ class KLFitness:
             total, count = 0.0, 0
             for prefix, (_, v, i) in zip(prefixes, parts, strict=True):
                 h = prefix.final(model, branch[k])
-                kl, n = topk_kl(_head_logits(model, live.spec, h, i), v, i)
+                kl, n = topk_kl(head_logits(model, live.spec, h, i), v, i)
                 total, count = total + kl, count + n
             scores[k] = total / max(count, 1)
         return scores

@@ -194,8 +194,9 @@ def test_bad_heal_input_fails_with_one_line(pruned, tiny_dir, tmp_path, capsys):
     assert main(["heal", str(tiny_dir), "--out", str(tmp_path / "o")]) == 2  # not a tyr output
     assert main(["heal", str(pruned), "--out", str(pruned)]) == 2  # a non-empty, other directory
     assert main(["heal", str(pruned), "--out", str(tmp_path / "o"), "--micro-batch", "9"]) == 2
+    assert main(["heal", str(pruned), "--out", str(tmp_path / "o"), "--kl-topk", "-1"]) == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tyr: error")]
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert not (tmp_path / "o").exists()
 
 

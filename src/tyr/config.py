@@ -75,8 +75,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # Training tokens of `tyr heal` by default: sized so that the embedded 135M model's 50 % result
-# heals in under 30 minutes on 2 CPU cores: 24 steps of 8 × 512 (docs/healing.md §3).
-HEAL_TOKENS = 98_304
+# heals in under 30 minutes on 2 CPU cores: 50 steps of 8 × 512 (docs/healing.md §3).
+HEAL_TOKENS = 204_800
+HEAL_KL_TOPK = 64  # teacher logits per position of the distillation loss (docs/healing.md §1)
 DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
 # Options that only change how the result is evaluated, not the work files.
 EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
@@ -298,8 +299,8 @@ class HealConfig:
     warmup: float = field(default=0.05, metadata=_meta("fraction of the steps of linear warm-up"))
     weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay"))
     temperature: float = field(default=1.0, metadata=_meta("distillation temperature"))
-    kl_topk: int | None = field(
-        default=None, metadata=_meta("teacher logits kept per position (default: the whole vocabulary)")
+    kl_topk: int = field(
+        default=HEAL_KL_TOPK, metadata=_meta("teacher logits kept per position (0: the whole vocabulary)")
     )
     lm_weight: float = field(default=0.0, metadata=_meta("weight of the next-token loss added to the KL"))
     lora_rank: int = field(default=16, metadata=_meta("LoRA rank"))
@@ -329,7 +330,7 @@ class HealConfig:
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"device={self.device!r} is not valid", "choose cpu or cuda")
         for key in (
-            *("tokens", "seq_len", "batch_size", "micro_batch", "kl_topk", "lora_rank"),
+            *("tokens", "seq_len", "batch_size", "micro_batch", "lora_rank"),
             *("eval_every", "curve_tokens", "save_every", "eval_tokens", "zeroshot"),
         ):
             value = getattr(self, key)
@@ -341,6 +342,8 @@ class HealConfig:
                 raise UserError(f"{key}={value} must be positive", "give a positive number")
         if not 0 <= self.warmup < 1:
             raise UserError(f"warmup={self.warmup} is outside [0, 1)", "e.g. 0.05")
+        if self.kl_topk < 0:
+            raise UserError(f"kl_topk={self.kl_topk} is negative", "give 0 (the whole vocabulary) or a positive k")
         if self.lm_weight < 0 or self.weight_decay < 0:
             raise UserError("lm_weight and weight_decay cannot be negative", "give 0 or more")
         if self.micro_batch > self.batch_size:

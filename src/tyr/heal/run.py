@@ -136,7 +136,7 @@ def _heal(
         warmup=cfg.warmup,
         weight_decay=cfg.weight_decay,
         temperature=cfg.temperature,
-        kl_topk=cfg.kl_topk,
+        kl_topk=cfg.kl_topk or None,
         lm_weight=cfg.lm_weight,
         eval_every=cfg.eval_every,
         save_every=cfg.save_every,

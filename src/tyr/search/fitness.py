@@ -194,9 +194,12 @@ def head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chun
     parts = []
     for s in range(0, h.shape[1], chunk):
         i = idx[:, s : s + chunk]  # [B, c, k]
-        z = torch.einsum("bcd,bckd->bck", h[:, s : s + chunk], W[i])
+        # index_select, not W[i]: its backward (index_add) is deterministic on the CPU, where an
+        # advanced index's (an accumulating index_put) is not, and healing must repeat its bytes
+        rows = W.index_select(0, i.flatten()).view(*i.shape, -1)
+        z = torch.einsum("bcd,bckd->bck", h[:, s : s + chunk], rows)
         if head.bias is not None:
-            z = z + head.bias.float()[i]
+            z = z + head.bias.float().index_select(0, i.flatten()).view(i.shape)
         parts.append(z)
     return _softcap(model, torch.cat(parts, dim=1))
 

@@ -191,3 +191,41 @@ def test_llama_cpp_runs_the_awkward_gguf(tmp_path, family):
         ref = model(ids).logits[0].numpy()
     assert np.abs(got - ref).max() <= 1e-3 * max(1.0, float(np.abs(ref).max()))
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_prune_writes_the_gguf_in_the_same_command(tiny_dir, calib_txt, tmp_path, capsys):
+    """`tyr prune --gguf` writes what `tyr export --gguf` writes from the finished result, and
+    refuses a bad quantization or an inexpressible family before any work."""
+    import json
+
+    from tyr.cli import main
+
+    out, gguf_file = tmp_path / "pruned", tmp_path / "pruned.gguf"
+    argv = [
+        "prune", str(tiny_dir), "--sparsity", "0.5", "--method", "uniform", "--out", str(out),
+        "--calib", str(calib_txt), "--calib-tokens", "512", "--seq-len", "32", "--no-eval",
+        "--gguf", str(gguf_file), "--gguf-quant", "q8_0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["gguf"] == str(gguf_file.resolve())
+    assert main(["export", str(out), "--gguf", str(tmp_path / "again.gguf"), "--quant", "q8_0"]) == 0
+    assert gguf_file.read_bytes() == (tmp_path / "again.gguf").read_bytes()
+    ids = calib_ids(2, n=1, T=9)
+    from tyr import load
+
+    with torch.inference_mode():
+        ref = load(out)(ids).logits.double()
+    assert (deci_logits(gguf_file, ids) - ref).abs().max() <= 0.05 * float(ref.abs().max())  # q8_0
+
+    gemma = tmp_path / "tiny-gemma2"
+    tiny_model("gemma2").save_pretrained(gemma)
+    for bad in (
+        [*argv[:-1], "q3_k"],  # no such quantization here
+        [*argv[:-3], str(tmp_path / "no-dir" / "m.gguf")],
+        ["prune", str(gemma), *argv[2:]],  # deci cannot express Gemma 2
+    ):
+        bad[bad.index("--out") + 1] = str(tmp_path / "o")
+        assert main(bad) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tyr: error")]
+    assert len(errors) == 3 and "cannot be written as GGUF" in errors[2]
+    assert not (tmp_path / "o").exists()

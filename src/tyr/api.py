@@ -20,13 +20,23 @@ from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
 from tyr.eval import cached_ppl, perplexity
-from tyr.export import GGUFSummary, modeling_sha256, save_pruned, verify_export, write_card, write_gguf
+from tyr.export import (
+    QUANTS,
+    GGUFSummary,
+    gguf_refusal,
+    modeling_sha256,
+    save_pruned,
+    verify_export,
+    write_card,
+    write_gguf,
+)
 from tyr.heal import run_heal
 from tyr.infra import assets, check_options, dist, finish_out, locked, prepare_out
 from tyr.loader import Opened, fingerprint, load, load_lazy, load_weights, open_model, resolve, source_gguf
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
 from tyr.record import Result
+from tyr.report import load_config
 from tyr.stream import LazyModel, capture
 from tyr.supernet import SupernetOptions
 
@@ -95,12 +105,39 @@ def run(cfg: PruneConfig, command: str | None = None) -> Result:
     (the CLI passes its command line; by default the equivalent `tyr.prune(...)` call). With
     `heal`, the pruned result is then healed (docs/healing.md) into `heal_out`, and the
     returned result is the healed one."""
+    if cfg.gguf is not None:
+        _check_gguf(cfg, cfg.gguf)
     result = _run_prune(cfg, command)
     heal = cfg.heal_config()
-    if heal is None or not result.data:  # no healing, or a torchrun worker
+    if not result.data:  # a torchrun worker: rank 0 heals and exports
         return result
-    log.info("pruned model written to %s; healing it into %s", result.path, heal.out)
-    return run_heal(heal)
+    if heal is not None:
+        log.info("pruned model written to %s; healing it into %s", result.path, heal.out)
+        result = run_heal(heal)
+    if cfg.gguf is not None:
+        summary = export_gguf(result.path, cfg.gguf, quant=cfg.gguf_quant)
+        log.info(
+            "GGUF for llama.cpp written to %s (%s, %d bytes)",
+            summary.path,
+            summary.quant,
+            summary.bytes,
+        )
+    return result
+
+
+def _check_gguf(cfg: PruneConfig, gguf: str) -> None:
+    """Refuse `--gguf` before any work when the quantization or the model's family cannot be
+    written (docs/serving.md), rather than after the prune."""
+    if cfg.gguf_quant not in QUANTS:
+        raise UserError(f"gguf_quant={cfg.gguf_quant!r} is not valid", f"choose one of {', '.join(QUANTS)}")
+    dest = Path(gguf).expanduser()
+    if dest.is_dir() or not dest.parent.is_dir():
+        raise UserError(f"--gguf {gguf} is not a file in an existing directory", "name a .gguf file")
+    why = gguf_refusal(load_config(cfg.model)[0])  # the config alone, no weights
+    if why is not None:
+        raise UserError(
+            f"this model cannot be written as GGUF: {why}", "drop --gguf; serve it with transformers"
+        )
 
 
 def _run_prune(cfg: PruneConfig, command: str | None) -> Result:

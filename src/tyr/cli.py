@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from tyr.config import (
@@ -143,13 +144,16 @@ def _prune(ns: argparse.Namespace, argv: list[str]) -> int:
     for key in ("sparsity", "out"):
         if key not in values:
             raise UserError(f"--{key} is required", "e.g. tyr prune --sparsity 0.5 --out pruned")
-    result = run(PruneConfig(**values), command=shlex.join(["tyr", *argv]))
+    cfg = PruneConfig(**values)
+    result = run(cfg, command=shlex.join(["tyr", *argv]))
     if not result.data:  # a torchrun worker (rank > 0): rank 0 reports
         return 0
     summary = {k: result.data[k] for k in ("sparsity_target", "sparsity_achieved", "params", "ppl")}
     if "heal" in result.data:
         heal = result.data["heal"]
         summary["heal"] = {"source": heal["source"], **{k: heal[k] for k in ("tokens_run", "ppl")}}
+    if cfg.gguf is not None:
+        summary["gguf"] = str(Path(cfg.gguf).expanduser().resolve())
     print(json.dumps({"out": str(result.path), **summary}, indent=2))
     return 0
 

@@ -81,8 +81,9 @@ HEAL_KL_TOPK = 64  # teacher logits per position of the distillation loss (docs/
 DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
 # Options that only change how the result is evaluated, not the work files.
 EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
-# Options of the healing after the prune: they change neither the pruned model nor its work files.
-HEAL_KEYS = ("heal", "heal_out")
+# Options of what follows the prune (healing, a GGUF copy): they change neither the pruned model
+# nor its work files.
+HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
 
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -166,6 +167,12 @@ class PruneConfig:
     )
     heal_out: str | None = field(
         default=None, metadata=_meta("the healed model's directory (default OUT-healed)")
+    )
+    gguf: str | None = field(
+        default=None, metadata=_meta("then also write the result (healed, with --heal) as GGUF to this file")
+    )
+    gguf_quant: str = field(
+        default="f16", metadata=_meta("weight type of the --gguf file (as tyr export --quant)")
     )
 
     def __post_init__(self) -> None:
@@ -343,7 +350,9 @@ class HealConfig:
         if not 0 <= self.warmup < 1:
             raise UserError(f"warmup={self.warmup} is outside [0, 1)", "e.g. 0.05")
         if self.kl_topk < 0:
-            raise UserError(f"kl_topk={self.kl_topk} is negative", "give 0 (the whole vocabulary) or a positive k")
+            raise UserError(
+                f"kl_topk={self.kl_topk} is negative", "give 0 (the whole vocabulary) or a positive k"
+            )
         if self.lm_weight < 0 or self.weight_decay < 0:
             raise UserError("lm_weight and weight_decay cannot be negative", "give 0 or more")
         if self.micro_batch > self.batch_size:

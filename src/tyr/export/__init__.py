@@ -11,12 +11,13 @@ from tyr.export.checkpoint import (
     verify_export,
     write_card,
 )
-from tyr.export.gguf import QUANTS, GGUFSummary, write_gguf
+from tyr.export.gguf import QUANTS, GGUFSummary, gguf_refusal, write_gguf
 
 __all__ = [
     "QUANTS",
     "GGUFSummary",
     "write_gguf",
+    "gguf_refusal",
     "FORMAT",
     "MODELING",
     "modeling_sha256",

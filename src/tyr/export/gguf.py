@@ -149,12 +149,12 @@ def encode_layer(layer: nn.Module, spec: arch.ArchSpec, head_dim: int, index: in
     return out
 
 
-def gguf_refusal(model: nn.Module) -> str | None:
-    """Why `model` cannot be written as ``deci`` GGUF, or None when it can."""
-    spec = arch.spec_for(model)
+def gguf_refusal(cfg: Any) -> str | None:
+    """Why a model of this config (dense or pruned) cannot be written as ``deci`` GGUF, or None
+    when it can; a config alone decides, so `tyr prune --gguf` refuses before any work."""
+    spec = arch.spec_for_config(cfg)
     if spec.gguf_unsupported is not None:
         return spec.gguf_unsupported
-    cfg: Any = model.config
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     kind = rope.get("rope_type", "default")
     if kind not in ("default", "linear", "llama3"):
@@ -278,7 +278,7 @@ def write_gguf(
 
     if quant not in QUANTS:
         raise UserError(f"unknown quantization {quant!r}", f"choose one of {', '.join(QUANTS)}")
-    why = gguf_refusal(model)
+    why = gguf_refusal(model.config)
     if why is not None:
         raise UserError(f"this model cannot be written as GGUF: {why}", "serve it with transformers")
     spec = arch.spec_for(model)

@@ -135,11 +135,13 @@ def test_search_end_to_end(tiny_dir, calib_txt, tmp_path):
 
 
 def test_search_is_deterministic(tiny_dir, calib_txt, tmp_path):
-    genomes = []
-    for run in ("a", "b"):
+    """The same seed gives the same genome and bytes, whether the teacher's top-k logits are
+    cached on disk (auto, for a small calibration set) or recomputed for every minibatch."""
+    genomes, fitness = [], []
+    for run, extra in (("a", []), ("b", ["--teacher-cache", "none"])):
         out = tmp_path / run
         args = [
-            *_args(tiny_dir, calib_txt, out, *SEARCH),
+            *_args(tiny_dir, calib_txt, out, *SEARCH, *extra),
             "--workdir",
             str(tmp_path / f"w{run}"),
             "--no-eval",
@@ -147,10 +149,13 @@ def test_search_is_deterministic(tiny_dir, calib_txt, tmp_path):
         assert main(args) == 0
         res = json.loads((out / "result.json").read_text())
         genomes.append([it["genome"] for it in res["search"]["iterations"]])
+        fitness.append([it["parent_fitness"] for it in res["search"]["iterations"]])
         assert (out / "model.safetensors").is_file()
-    assert genomes[0] == genomes[1]
+    assert genomes[0] == genomes[1] and fitness[0] == fitness[1]
     a, b = ((tmp_path / r / "model.safetensors").read_bytes() for r in ("a", "b"))
     assert a == b  # the same seed gives the same exported bytes
+    assert (tmp_path / "wa" / "teacher" / "values.f32").is_file()
+    assert not (tmp_path / "wb" / "teacher").exists()
 
 
 def test_python_api(tiny_dir, calib_txt, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import calib_ids, tiny_config, tiny_model
 
-from tyr.config import PRESETS
+from tyr.config import PRESETS, PruneConfig, resolve_preset, teacher_cache_mode
 from tyr.errors import UserError
 from tyr.report import plan
 
@@ -179,6 +179,24 @@ def test_llama_8b_from_config_alone(tmp_path: Path) -> None:
     assert 1.0 < est["ideal_speedup"]["decode"] < 2.0
     assert "B |" in plan.format_plan(est) and "GB" in plan.format_plan(est)
     json.dumps(est)
+
+
+def test_a_teacher_cache_too_large_for_the_disk_is_recomputed(tmp_path: Path) -> None:
+    """8B at the paper's budget: 275 GB of teacher top-k; auto recomputes it per minibatch,
+    which costs the stages' teacher tokens of every generation instead of the calibration set."""
+    d = str(_saved(tmp_path, _llama8b_config()))
+    auto, disk = plan.estimate(d, 0.5, dtype="bfloat16"), plan.estimate(d, 0.5, teacher_cache="disk")
+    assert auto["teacher_cache"] == "none" and auto["teacher_cache_bytes"] == 0
+    assert disk["teacher_cache"] == "disk" and disk["teacher_cache_bytes"] == 4_194_304 * 8192 * 8
+    assert auto["workdir_bytes"] < disk["workdir_bytes"] - disk["teacher_cache_bytes"] / 2
+    sizes = resolve_preset(PruneConfig(sparsity=0.5, out="", preset="paper"), 8_000_000_000)[2]
+    assert plan.teacher_tokens(sizes, "none") == 4 * 50 * (2048 + 16384 + 131072)
+    assert plan.teacher_tokens(sizes, "disk") == 4_194_304
+    assert disk["runtime_s"]["search"] < plan.estimate(d, 0.5, teacher_cache="none")["runtime_s"]["search"]
+    assert "recomputed per minibatch" in plan.format_plan(auto)
+    assert teacher_cache_mode("auto", 32768, 256) == "disk"  # quick: 67 MB
+    assert teacher_cache_mode("auto", 4_194_304, 8192) == "none"
+    assert teacher_cache_mode("disk", 4_194_304, 8192) == "disk"
 
 
 def test_runtime_calibration_reproduces_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -409,6 +409,7 @@ def _search(
         survivors=sizes.survivors,
         levels=1 if widths else sizes.levels,
         kl_topk=sizes.kl_topk,
+        teacher_cache=cfg.teacher_cache,
         seed=cfg.seed,
         budget=cfg.budget,
         supernet=SupernetOptions(

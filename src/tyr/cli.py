@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from tyr.config import (
     PRESET_NAMES,
+    TEACHER_CACHES,
     HealConfig,
     PruneConfig,
     check_keys,
@@ -98,6 +99,9 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument("--method", default="tyr", help="tyr (default) or uniform")
     p.add_argument("--preset", default="auto", choices=PRESET_NAMES)
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument(
+        "--teacher-cache", default="auto", choices=TEACHER_CACHES, help="as tyr prune's (default auto)"
+    )
     p.add_argument("--json", help="also write the estimates as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -220,7 +224,14 @@ def _plan(ns: argparse.Namespace) -> int:
 
     from tyr.report import estimate, format_plan
 
-    est = estimate(ns.model, ns.sparsity, preset=ns.preset, method=ns.method, dtype=ns.dtype)
+    est = estimate(
+        ns.model,
+        ns.sparsity,
+        preset=ns.preset,
+        method=ns.method,
+        dtype=ns.dtype,
+        teacher_cache=ns.teacher_cache,
+    )
     print(format_plan(est))
     if ns.json:
         Path(ns.json).write_text(json.dumps(est, indent=2) + "\n")

@@ -19,6 +19,9 @@ from tyr.supernet import ACCUMULATIONS
 
 __all__ = [
     "FINAL_PASSES",
+    "TEACHER_CACHES",
+    "TEACHER_ENTRY_BYTES",
+    "teacher_cache_mode",
     "HEAL_MODES",
     "HealConfig",
     "PruneConfig",
@@ -81,6 +84,14 @@ HEAL_KL_TOPK = 64  # teacher logits per position of the distillation loss (docs/
 DATA_KEYS = ("calib_tokens", "seq_len", "eval_tokens", "batch_size")
 # Options that only change how the result is evaluated, not the work files.
 EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
+# Where the search keeps the dense teacher's top-k logits: `disk` fills a memory-mapped cache of
+# the calibration set once, `none` recomputes each minibatch's (about 13 % more forward tokens
+# with the paper's stages, and no disk); `auto` caches up to TEACHER_CACHE_MAX_BYTES. Both give
+# the same values, so the choice changes neither the result nor the work files' meaning.
+TEACHER_CACHES = ("auto", "disk", "none")
+TEACHER_CACHE_MAX_BYTES = 16 * 10**9
+TEACHER_ENTRY_BYTES = 8  # one fp32 logit and its int32 vocabulary index
+NEUTRAL_KEYS = ("teacher_cache",)
 # Options of what follows the prune (healing, a GGUF copy): they change neither the pruned model
 # nor its work files.
 HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
@@ -88,6 +99,13 @@ HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {"help": help, "choices": choices}
+
+
+def teacher_cache_mode(requested: str, calib_tokens: int, k: int) -> str:
+    """`disk` or `none`: what `auto` means for a calibration set of `calib_tokens` at top-k `k`."""
+    if requested != "auto":
+        return requested
+    return "disk" if calib_tokens * k * TEACHER_ENTRY_BYTES <= TEACHER_CACHE_MAX_BYTES else "none"
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,14 @@ class PruneConfig:
     survivors: str | None = field(default=None, metadata=_meta("survivors per stage, e.g. 4,2,1"))
     levels: int = field(default=9, metadata=_meta("candidates per sub-layer (odd)"))
     kl_topk: int | None = field(default=None, metadata=_meta("teacher logits kept per position"))
+    teacher_cache: str = field(
+        default="auto",
+        metadata=_meta(
+            "the teacher's top-k logits: cached on disk once, or recomputed per minibatch (none);"
+            " auto caches up to 16 GB",
+            TEACHER_CACHES,
+        ),
+    )
     accumulation: str = field(
         default=ACCUMULATIONS[0], metadata=_meta("error accumulation in the supernet", ACCUMULATIONS)
     )
@@ -237,12 +263,12 @@ class PruneConfig:
     def identity(self) -> str:
         """Hash of everything that changes the result (not where it is written); local input
         files count with their size and modification time, so an edited file is a new run."""
-        return _digest(self._options(exclude=("out", "workdir", "overwrite", *HEAL_KEYS)))
+        return _digest(self._options(exclude=("out", "workdir", "overwrite", *HEAL_KEYS, *NEUTRAL_KEYS)))
 
     def work_options(self) -> dict[str, Any]:
         """The options that shape the work directory's files (all but where the result goes and
         how it is evaluated): resuming a work directory requires the same ones."""
-        return self._options(exclude=("out", "workdir", "overwrite", *EVAL_KEYS, *HEAL_KEYS))
+        return self._options(exclude=("out", "workdir", "overwrite", *EVAL_KEYS, *HEAL_KEYS, *NEUTRAL_KEYS))
 
     def heal_config(self) -> HealConfig | None:
         """The `tyr heal` run that follows the prune (`--heal TOKENS`), or None."""

@@ -16,10 +16,21 @@ from tqdm.auto import tqdm
 from tyr import budget
 from tyr.arch import ArchSpec
 from tyr.budget import BUDGETS, KINDS, Gene, Shape, SubLayer, Widths
+from tyr.config import TEACHER_ENTRY_BYTES, teacher_cache_mode
 from tyr.errors import UserError
 from tyr.infra import atomic_json, dist
 from tyr.modeling import LayerPlan
-from tyr.search import Generation, Genome, KLFitness, LiveModel, Space, TeacherCache, evolve
+from tyr.search import (
+    Generation,
+    Genome,
+    KLFitness,
+    LiveModel,
+    OnTheFlyTeacher,
+    Space,
+    Teacher,
+    TeacherCache,
+    evolve,
+)
 from tyr.stream import capture
 from tyr.supernet import Candidate, Store, SupernetOptions, build
 
@@ -37,6 +48,7 @@ class SearchOptions:
     survivors: tuple[int, ...] = (16, 4, 1)
     levels: int = 9
     kl_topk: int = 8192
+    teacher_cache: str = "auto"
     seed: int = 0
     gqa_budget_tol: float = 0.005  # of the guarded real parameters: L·P_A, or P_blk when joint (§3.5)
     budget: str = BUDGETS[0]
@@ -67,6 +79,19 @@ def _space(
         lambda genome: deviation(genome) <= limit,
         joint=joint,
     )
+
+
+def _teacher(opt: SearchOptions, calib: Tensor, k: int, root: Path) -> Teacher:
+    """The teacher's top-k store: a disk cache of the calibration set, or none (§7.6)."""
+    mode = teacher_cache_mode(opt.teacher_cache, calib.numel(), k)
+    size = calib.numel() * k * TEACHER_ENTRY_BYTES
+    if mode == "disk":
+        log.info("teacher top-%d logits cached on disk (%.2f GB at most)", k, size / 1e9)
+        return TeacherCache(root, calib.shape[0], calib.shape[1], k)
+    log.info(
+        "teacher top-%d logits recomputed for each minibatch (a cache would take %.1f GB)", k, size / 1e9
+    )
+    return OnTheFlyTeacher(k)
 
 
 def _guard(shape: Shape, initial: dict[str, list[int]], tol: float, joint: bool) -> tuple[int, float]:
@@ -106,9 +131,7 @@ def search_prune(
     centres_by_gene = {g: int(initial[g.kind][g.block]) for g in genes}
     joint = opt.budget == "joint"
     target, tol = _guard(shape, initial, opt.gqa_budget_tol, joint)
-    teacher = TeacherCache(
-        workdir / "teacher", calib.shape[0], calib.shape[1], min(opt.kl_topk, _vocab(model))
-    )
+    teacher = _teacher(opt, calib, min(opt.kl_topk, _vocab(model)), workdir / "teacher")
     batches = list(calib.split(batch_size))
     log_rows: list[dict[str, Any]] = []
     best: Genome = (0,) * len(genes)
@@ -184,7 +207,7 @@ def _search_once(
     space: Space,
     live: LiveModel,
     calib: Tensor,
-    teacher: TeacherCache,
+    teacher: Teacher,
     opt: SearchOptions,
     t: int,
     batch_size: int,
@@ -258,7 +281,7 @@ def _evolve_resumable(
     space: Space,
     live: LiveModel,
     calib: Tensor,
-    teacher: TeacherCache,
+    teacher: Teacher,
     opt: SearchOptions,
     t: int,
     batch_size: int,

@@ -26,10 +26,13 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
   ``uniform``): for each sub-layer and level, the compact o_proj / down_proj weight in the
   model dtype plus int32 index lists. ``workdir_bytes``: the whole work directory (every
   iteration's supernet is kept for resuming, plus the teacher cache).
-- ``teacher_cache_bytes``: calib_tokens × min(kl_topk, vocab) × (4 B value + 4 B index);
-  0 for ``uniform`` (no search, no teacher).
+- ``teacher_cache``: ``disk`` or ``none`` (``--teacher-cache``; ``auto`` resolved as the run
+  resolves it). ``teacher_cache_bytes``: calib_tokens × min(kl_topk, vocab) × (4 B value + 4 B
+  index) on disk; 0 when the teacher is recomputed per minibatch, and for ``uniform`` (no
+  search, no teacher).
 - ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune,
-  search or eval), activations kept in memory (``--offload cpu``, the default).
+  search or eval), activations kept in memory (``--offload cpu``, the default); the search
+  holds the largest stage's teacher top-k.
 - ``runtime_s``: ``prune`` (the uniform local-pruning pass; 0 for ``tyr``), ``supernet``,
   ``search``, ``eval`` (dense and pruned perplexity), ``total``; ``runtime_basis`` says how.
 
@@ -51,7 +54,7 @@ import torch
 
 from tyr import arch
 from tyr.budget import Shape, attn_structures, candidate_units
-from tyr.config import PruneConfig, Sizes, resolve_preset
+from tyr.config import TEACHER_ENTRY_BYTES, PruneConfig, Sizes, resolve_preset, teacher_cache_mode
 from tyr.errors import UserError
 from tyr.eval import LOGIT_ELEMENTS
 from tyr.modeling import unfuse
@@ -281,13 +284,22 @@ def search_tokens_per_generation(settings: Sizes) -> int:
     return sum(n * t for n, t in zip(scored, stages, strict=True))
 
 
-def search_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float:
+def teacher_tokens(settings: Sizes, cache: str) -> int:
+    """Dense forward tokens of the teacher: the calibration set once into the disk cache, or
+    every stage's minibatch of every generation when it is recomputed (`none`)."""
+    if cache == "disk":
+        return settings.calib_tokens
+    per_generation = sum(min(t, settings.calib_tokens) for t in settings.stage_tokens)
+    return settings.iterations * settings.generations * per_generation
+
+
+def search_seconds(dims: Dims, settings: Sizes, kept: float, rate: float, cache: str = "disk") -> float:
     """All generations of all iterations on the pruned-size student (top-k lm_head rows only),
-    plus filling the teacher cache once with full dense forwards over the calibration set."""
+    plus the teacher's full dense forwards (:func:`teacher_tokens`)."""
     topk = min(settings.kl_topk, dims.vocab)
     student = forward_flops(dims, settings.seq_len, kept, head_rows=topk)
     tokens = settings.iterations * settings.generations * search_tokens_per_generation(settings)
-    teacher = settings.calib_tokens * forward_flops(dims, settings.seq_len)
+    teacher = teacher_tokens(settings, cache) * forward_flops(dims, settings.seq_len)
     return (tokens * student + teacher) / rate
 
 
@@ -319,7 +331,10 @@ def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, superne
         + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
-        phases["search"] = 2 * weights + held  # the dense teacher and the live student copy
+        # the dense teacher, the live student copy, and the largest stage's teacher top-k
+        stage = min(max(settings.stage_tokens), settings.calib_tokens)
+        minibatch = stage * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES
+        phases["search"] = 2 * weights + held + minibatch
     phase = max(phases, key=lambda k: phases[k])
     return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase
 
@@ -328,7 +343,9 @@ def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, superne
 # The estimate.
 
 
-def _runtime(dims: Dims, settings: Sizes, sparsity: float, method: str, kept: float) -> dict[str, float]:
+def _runtime(
+    dims: Dims, settings: Sizes, sparsity: float, method: str, kept: float, cache: str
+) -> dict[str, float]:
     threads = max(1, torch.get_num_threads())
     rate = FORWARD_FLOPS_PER_S_2T * threads / REFERENCE["threads"]
     prune = supernet = search = 0.0
@@ -339,7 +356,7 @@ def _runtime(dims: Dims, settings: Sizes, sparsity: float, method: str, kept: fl
             )
             for t in range(1, settings.iterations + 1)
         )
-        search = search_seconds(dims, settings, kept, rate)
+        search = search_seconds(dims, settings, kept, rate, cache)
     else:  # one candidate per sub-layer, at the uniform centre
         centre = candidate_units(dims.shape, sparsity, 1, 1)
         prune = local_pruning_seconds(dims, settings, centre, rate)
@@ -372,13 +389,22 @@ def estimate(
     preset: str = "auto",
     method: str = "tyr",
     dtype: str = "float32",
+    teacher_cache: str = "auto",
 ) -> dict[str, Any]:
     """Estimates for pruning `model` (None = the embedded default, a directory holding
     config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
     see the module docstring for the keys. Raises UserError for bad input or an unsupported
     family."""
     # Validates sparsity, method, preset and dtype with the messages `tyr prune` gives.
-    cfg = PruneConfig(sparsity=sparsity, out="", model=model, method=method, preset=preset, dtype=dtype)
+    cfg = PruneConfig(
+        sparsity=sparsity,
+        out="",
+        model=model,
+        method=method,
+        preset=preset,
+        dtype=dtype,
+        teacher_cache=teacher_cache,
+    )
     config, name = load_config(model)
     dims = dims_of(config)
     cfg, preset_name, settings = resolve_preset(cfg, dims.total)
@@ -396,7 +422,9 @@ def estimate(
     per_iteration = [supernet_iteration_bytes(dims.shape, S, t, settings.levels, b) for t in iterations]
     tyr = method == "tyr"
     supernet = per_iteration[0] if tyr else 0
-    teacher = settings.calib_tokens * min(settings.kl_topk, dims.vocab) * (4 + 4) if tyr else 0
+    topk = min(settings.kl_topk, dims.vocab)
+    cache = teacher_cache_mode(teacher_cache, settings.calib_tokens, topk) if tyr else "none"
+    teacher = settings.calib_tokens * topk * TEACHER_ENTRY_BYTES if cache == "disk" else 0
     ram, phase = peak_ram(dims, settings, method, b, supernet)
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
@@ -441,10 +469,11 @@ def estimate(
         "ideal_speedup": {"prefill": round(prefill, 4), "decode": round(decode, 4)},
         "supernet_bytes": supernet,
         "workdir_bytes": (sum(per_iteration) if tyr else 0) + teacher,
+        "teacher_cache": cache,
         "teacher_cache_bytes": teacher,
         "peak_ram_bytes": ram,
         "peak_ram_phase": phase,
-        "runtime_s": _runtime(dims, settings, S, method, kept),
+        "runtime_s": _runtime(dims, settings, S, method, kept, cache),
         "runtime_basis": _basis(threads),
     }
 
@@ -490,7 +519,12 @@ def format_plan(est: dict[str, Any]) -> str:
     if tyr:
         costs += [
             ("supernet on disk (one iteration)", fmt_bytes(est["supernet_bytes"])),
-            ("teacher cache", fmt_bytes(est["teacher_cache_bytes"])),
+            (
+                "teacher cache",
+                fmt_bytes(est["teacher_cache_bytes"])
+                if est["teacher_cache"] == "disk"
+                else "none (top-k recomputed per minibatch)",
+            ),
             (f"work directory ({st['iterations']} iterations)", fmt_bytes(est["workdir_bytes"])),
         ]
     ram = f"peak RAM ({est['peak_ram_phase']} phase, activations in memory)"

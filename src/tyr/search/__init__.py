@@ -15,6 +15,8 @@ from tyr.search.evolution import (
 from tyr.search.fitness import (
     KLFitness,
     LiveModel,
+    OnTheFlyTeacher,
+    Teacher,
     TeacherCache,
     head_logits,
     kl_positions,
@@ -36,6 +38,8 @@ __all__ = [
     "head_logits",
     "topk_kl",
     "TeacherCache",
+    "OnTheFlyTeacher",
+    "Teacher",
     "LiveModel",
     "KLFitness",
 ]

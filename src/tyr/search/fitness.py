@@ -30,7 +30,7 @@ from tyr.supernet import Candidate, Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["kl_positions", "topk_kl", "TeacherCache", "LiveModel", "KLFitness"]
+__all__ = ["kl_positions", "topk_kl", "TeacherCache", "OnTheFlyTeacher", "Teacher", "LiveModel", "KLFitness"]
 
 
 def kl_positions(student: Tensor, t_vals: Tensor, t_idx: Tensor | None = None) -> Tensor:
@@ -230,6 +230,27 @@ def _reference(genomes: Sequence[Genome]) -> Genome:
     return tuple(min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for c in counts)
 
 
+class OnTheFlyTeacher:
+    """The teacher's top-k recomputed for every minibatch, one sequence at a time as
+    :class:`TeacherCache` fills itself, so both give the same values; nothing is stored. For a
+    calibration set whose cache would not fit the disk (docs/algorithm.md §7.6)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def get(self, rows: Sequence[int], teacher_logits) -> tuple[Tensor, Tensor]:
+        """[len(rows), T, k] fp32 values and int32 indices; `teacher_logits(rows)` → [n, T, V]."""
+        vals, idx = [], []
+        for r in rows:
+            v, i = teacher_logits([r]).float().topk(self.k, dim=-1)
+            vals.append(v[0].cpu())
+            idx.append(i[0].to(torch.int32).cpu())
+        return torch.stack(vals), torch.stack(idx)
+
+
+Teacher = TeacherCache | OnTheFlyTeacher
+
+
 class KLFitness:
     """fitness(stage, genomes): each call draws a fresh minibatch of distinct calibration
     sequences, shared by all genomes of the call, and returns the token-weighted mean top-k KL."""
@@ -238,7 +259,7 @@ class KLFitness:
         self,
         live: LiveModel,
         calib: Tensor,
-        teacher: TeacherCache,
+        teacher: Teacher,
         stage_tokens: Sequence[int],
         rng: random.Random,
         batch_size: int = 8,

@@ -158,6 +158,22 @@ def test_search_is_deterministic(tiny_dir, calib_txt, tmp_path):
     assert not (tmp_path / "wb" / "teacher").exists()
 
 
+def test_activations_over_the_memory_budget_go_to_disk(tiny_dir, calib_txt, tmp_path, caplog):
+    """--offload auto with a budget smaller than the activations keeps them in the work
+    directory; the model is the same, byte for byte, and the identity too (a finished output
+    is found again whatever the placement)."""
+    caplog.set_level("INFO", logger="tyr")
+    runs = {"cpu": ["--offload", "cpu"], "auto": ["--memory-budget", "1e-6"]}
+    for name, extra in runs.items():
+        args = [*_args(tiny_dir, calib_txt, tmp_path / name, "--method", "uniform", *extra), "--no-eval"]
+        assert main(args) == 0
+    assert "in the work directory; budget 0.00 GB" in caplog.text
+    a, b = ((tmp_path / r / "model.safetensors").read_bytes() for r in runs)
+    assert a == b
+    ids = [json.loads((tmp_path / r / "result.json").read_text())["config_identity"] for r in runs]
+    assert ids[0] == ids[1]
+
+
 def test_python_api(tiny_dir, calib_txt, tmp_path):
     r = tyr.prune(
         str(tiny_dir),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import calib_ids, tiny_config, tiny_model
 
-from tyr.config import PRESETS, PruneConfig, resolve_preset, teacher_cache_mode
+from tyr.config import PRESETS, PruneConfig, offload_mode, resolve_preset, teacher_cache_mode
 from tyr.errors import UserError
 from tyr.report import plan
 
@@ -197,6 +197,22 @@ def test_a_teacher_cache_too_large_for_the_disk_is_recomputed(tmp_path: Path) ->
     assert teacher_cache_mode("auto", 32768, 256) == "disk"  # quick: 67 MB
     assert teacher_cache_mode("auto", 4_194_304, 8192) == "none"
     assert teacher_cache_mode("disk", 4_194_304, 8192) == "disk"
+
+
+def test_activations_over_the_memory_budget_go_to_disk(tmp_path: Path) -> None:
+    """8B at the paper's budget: 189 GB of calibration activations in bfloat16. Over the budget
+    they go to the work directory: host memory falls by them, the disk grows by them."""
+    d = str(_saved(tmp_path, _llama8b_config()))
+    mem = plan.estimate(d, 0.5, dtype="bfloat16", offload="cpu")
+    auto = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64)
+    assert auto["activation_bytes"] == 4_194_304 * (2 * 4096 + 14336) * 2
+    assert mem["offload"] == "cpu" and auto["offload"] == "disk"
+    assert auto["peak_ram_bytes"] < mem["peak_ram_bytes"] - auto["activation_bytes"] / 2
+    assert auto["workdir_bytes"] == mem["workdir_bytes"] + auto["activation_bytes"]
+    assert "activations on disk" in plan.format_plan(auto)
+    assert plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=200)["offload"] == "cpu"
+    assert offload_mode("auto", 10, 9) == "disk" and offload_mode("auto", 9, 9) == "cpu"
+    assert offload_mode("cpu", 10, 9) == "cpu"
 
 
 def test_runtime_calibration_reproduces_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from tyr import __version__, arch, record
 from tyr.budget import Shape, Widths
-from tyr.config import PruneConfig, Sizes, check_keys, resolve_preset
+from tyr.config import PruneConfig, Sizes, activation_bytes, check_keys, offload_mode, resolve_preset
 from tyr.data import windows
 from tyr.errors import UserError
 from tyr.eval import cached_ppl, perplexity
@@ -31,7 +31,7 @@ from tyr.export import (
     write_gguf,
 )
 from tyr.heal import run_heal
-from tyr.infra import assets, check_options, dist, finish_out, locked, prepare_out
+from tyr.infra import assets, available_memory_bytes, check_options, dist, finish_out, locked, prepare_out
 from tyr.loader import Opened, fingerprint, load, load_lazy, load_weights, open_model, resolve, source_gguf
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
@@ -366,8 +366,9 @@ def _prune(
     """The method: per-block plans and, for `tyr`, the search log. The search is shared by
     every rank; the uniform prune is rank 0's alone (the others get no plans)."""
     cfg, spec, t = run.cfg, run.opened.spec, time.perf_counter()
+    offload = _offload(cfg, shape, calib)
     if cfg.method == "tyr":
-        plans, search_log = _search(run, model, shape, calib, workdir)
+        plans, search_log = _search(run, model, shape, calib, workdir, offload)
         supernet_s = sum(r["supernet_seconds"] for r in search_log)
         clock.spans["supernet"] = round(supernet_s, 3)
         clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
@@ -375,7 +376,7 @@ def _prune(
     if not dist.is_main():
         return [], None
     batches = list(calib.split(run.sizes.batch_size))
-    inputs = capture(model, spec, batches, cfg.device, cfg.offload, workdir, lazy=lazy)
+    inputs = capture(model, spec, batches, cfg.device, offload, workdir, lazy=lazy)
     t = clock.add("calibration", t)
     try:
         opt = SolverOptions(
@@ -388,8 +389,20 @@ def _prune(
     return plans, None
 
 
+def _offload(cfg: PruneConfig, shape: Shape, calib: torch.Tensor) -> str:
+    """Where the calibration activations go (`--offload auto`: memory while they take at most
+    `--memory-budget` GB, by default half of the memory available now; else the work directory)."""
+    needed = activation_bytes(calib.numel(), shape.hidden, shape.intermediate, cfg.dtype)
+    budget = int(cfg.memory_budget * 1e9) if cfg.memory_budget else available_memory_bytes() // 2
+    mode = offload_mode(cfg.offload, needed, budget)
+    if cfg.offload == "auto":
+        where = "in memory" if mode == "cpu" else "in the work directory"
+        log.info("calibration activations (%.2f GB) %s; budget %.2f GB", needed / 1e9, where, budget / 1e9)
+    return mode
+
+
 def _search(
-    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path
+    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path, offload: str
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search (--method tyr), or the genome given by --genome; stage sizes are
     clipped to the calibration pool."""
@@ -432,7 +445,7 @@ def _search(
         spec = run.opened.spec
         return search_prune(
             model, spec, shape, cfg.sparsity, calib, o, root, identity,
-            device=cfg.device, batch_size=sizes.batch_size, offload=cfg.offload, widths=given,
+            device=cfg.device, batch_size=sizes.batch_size, offload=offload, widths=given,
         )  # fmt: skip
 
     plans, log_rows = searched(opt, workdir, widths)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tyr.config import (
+    OFFLOADS,
     PRESET_NAMES,
     TEACHER_CACHES,
     HealConfig,
@@ -102,6 +103,8 @@ def _plan_parser(sub: Any) -> None:
     p.add_argument(
         "--teacher-cache", default="auto", choices=TEACHER_CACHES, help="as tyr prune's (default auto)"
     )
+    p.add_argument("--offload", default="auto", choices=OFFLOADS, help="as tyr prune's (default auto)")
+    p.add_argument("--memory-budget", type=float, help="as tyr prune's: GB of activations kept in memory")
     p.add_argument("--json", help="also write the estimates as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -231,6 +234,8 @@ def _plan(ns: argparse.Namespace) -> int:
         method=ns.method,
         dtype=ns.dtype,
         teacher_cache=ns.teacher_cache,
+        offload=ns.offload,
+        memory_budget=ns.memory_budget,
     )
     print(format_plan(est))
     if ns.json:

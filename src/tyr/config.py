@@ -18,6 +18,10 @@ from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES
 from tyr.supernet import ACCUMULATIONS
 
 __all__ = [
+    "DTYPE_BYTES",
+    "OFFLOADS",
+    "activation_bytes",
+    "offload_mode",
     "FINAL_PASSES",
     "TEACHER_CACHES",
     "TEACHER_ENTRY_BYTES",
@@ -91,7 +95,14 @@ EVAL_KEYS = ("no_eval", "eval_data", "eval_tokens")
 TEACHER_CACHES = ("auto", "disk", "none")
 TEACHER_CACHE_MAX_BYTES = 16 * 10**9
 TEACHER_ENTRY_BYTES = 8  # one fp32 logit and its int32 vocabulary index
-NEUTRAL_KEYS = ("teacher_cache",)
+# Where the calibration activations live: `auto` keeps them in host memory while they take at
+# most the memory budget (default: half of the memory available when the run starts), and puts
+# them in the work directory otherwise. The place changes no value.
+OFFLOADS = ("auto", "cpu", "disk")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Options of how a run keeps its data, not of what it computes: the result is the same, so
+# they are no part of its identity and a work directory resumes under any of them.
+NEUTRAL_KEYS = ("teacher_cache", "offload", "memory_budget")
 # Options of what follows the prune (healing, a GGUF copy): they change neither the pruned model
 # nor its work files.
 HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
@@ -99,6 +110,19 @@ HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
 
 def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {"help": help, "choices": choices}
+
+
+def activation_bytes(tokens: int, hidden: int, intermediate: int, dtype: str) -> int:
+    """Host memory of the calibration activations the local pruner keeps: each token's block
+    input and output (hidden wide) and its MLP intermediate (intermediate wide)."""
+    return tokens * (2 * hidden + intermediate) * DTYPE_BYTES[dtype]
+
+
+def offload_mode(requested: str, needed: int, budget: int) -> str:
+    """`cpu` or `disk`: what `auto` means for activations of `needed` bytes under `budget`."""
+    if requested != "auto":
+        return requested
+    return "cpu" if needed <= budget else "disk"
 
 
 def teacher_cache_mode(requested: str, calib_tokens: int, k: int) -> str:
@@ -179,7 +203,16 @@ class PruneConfig:
     )
     damp: float = field(default=DAMP, metadata=_meta("Hessian damping relative to mean(diag H)"))
     batch_size: int | None = field(default=None, metadata=_meta("sequences per forward"))
-    offload: str = field(default="cpu", metadata=_meta("where block activations live", ("cpu", "disk")))
+    offload: str = field(
+        default="auto",
+        metadata=_meta(
+            "where calibration activations live (auto: memory while they fit the budget)", OFFLOADS
+        ),
+    )
+    memory_budget: float | None = field(
+        default=None,
+        metadata=_meta("GB of activations kept in memory by --offload auto (default: half the available)"),
+    )
     workdir: str | None = field(default=None, metadata=_meta("work files; default $TYR_HOME/runs/<hash>"))
     overwrite: bool = field(default=False, metadata=_meta("replace a non-empty --out"))
     dtype: str = field(default="float32", metadata=_meta("model dtype", ("float32", "bfloat16")))
@@ -245,6 +278,8 @@ class PruneConfig:
             raise UserError(
                 "stage_tokens and survivors need the same number of entries", "e.g. 512,2048 and 4,1"
             )
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise UserError(f"memory_budget={self.memory_budget} must be positive", "give gigabytes, e.g. 32")
         if not self.damp > 0:
             raise UserError(f"damp={self.damp} must be positive", f"the default is {DAMP}")
 

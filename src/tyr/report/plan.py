@@ -25,14 +25,16 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
 - ``supernet_bytes``: one iteration's supernet on disk (the first, widest-step one; 0 for
   ``uniform``): for each sub-layer and level, the compact o_proj / down_proj weight in the
   model dtype plus int32 index lists. ``workdir_bytes``: the whole work directory (every
-  iteration's supernet is kept for resuming, plus the teacher cache).
+  iteration's supernet is kept for resuming, plus the teacher cache and offloaded activations).
 - ``teacher_cache``: ``disk`` or ``none`` (``--teacher-cache``; ``auto`` resolved as the run
   resolves it). ``teacher_cache_bytes``: calib_tokens × min(kl_topk, vocab) × (4 B value + 4 B
   index) on disk; 0 when the teacher is recomputed per minibatch, and for ``uniform`` (no
   search, no teacher).
-- ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune,
-  search or eval), activations kept in memory (``--offload cpu``, the default); the search
-  holds the largest stage's teacher top-k.
+- ``offload`` (``cpu`` or ``disk``: ``--offload auto`` resolved against this machine's available
+  memory, as a run resolves it) and ``activation_bytes`` (the calibration activations).
+  ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune, search
+  or eval), activations in memory or, offloaded, one batch of them; the search holds the
+  largest stage's teacher top-k.
 - ``runtime_s``: ``prune`` (the uniform local-pruning pass; 0 for ``tyr``), ``supernet``,
   ``search``, ``eval`` (dense and pruned perplexity), ``total``; ``runtime_basis`` says how.
 
@@ -54,9 +56,19 @@ import torch
 
 from tyr import arch
 from tyr.budget import Shape, attn_structures, candidate_units
-from tyr.config import TEACHER_ENTRY_BYTES, PruneConfig, Sizes, resolve_preset, teacher_cache_mode
+from tyr.config import (
+    DTYPE_BYTES,
+    TEACHER_ENTRY_BYTES,
+    PruneConfig,
+    Sizes,
+    activation_bytes,
+    offload_mode,
+    resolve_preset,
+    teacher_cache_mode,
+)
 from tyr.errors import UserError
 from tyr.eval import LOGIT_ELEMENTS
+from tyr.infra import available_memory_bytes
 from tyr.modeling import unfuse
 from tyr.report.fmt import fmt_bytes, fmt_params
 
@@ -92,7 +104,6 @@ LOCAL_SOLVE_FACTOR = 4.31
 
 RUNTIME_OVERHEAD_BYTES = 1_000_000_000  # Python, torch and transformers, resident
 SAFETENSORS_HEADER_BYTES = 256  # JSON header of one candidate file, approximately
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -309,8 +320,11 @@ def eval_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float
     return settings.eval_tokens * per_token / rate
 
 
-def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, supernet: int) -> tuple[int, str]:
-    """(bytes, phase) of the largest host-memory phase, block activations kept in memory.
+def peak_ram(
+    dims: Dims, settings: Sizes, method: str, dtype_bytes: int, supernet: int, offload: str = "cpu"
+) -> tuple[int, str]:
+    """(bytes, phase) of the largest host-memory phase, block activations in memory (`offload`
+    cpu) or in the work directory but for one batch (disk).
 
     `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
     safetensors checkpoint (tyr.stream.lazy) and keeps the MLP's intermediate activations on disk."""
@@ -319,8 +333,9 @@ def peak_ram(dims: Dims, settings: Sizes, method: str, dtype_bytes: int, superne
     if method != "tyr":
         weights = dims.block // shape.n_layers * dtype_bytes  # one block (embeddings: mapped)
     held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
-    calib_acts = settings.calib_tokens * shape.hidden * dtype_bytes * 2  # block input and output
-    mlp_inputs = settings.calib_tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
+    tokens = settings.calib_tokens if offload == "cpu" else settings.batch_size * settings.seq_len
+    calib_acts = tokens * shape.hidden * dtype_bytes * 2  # block input and output
+    mlp_inputs = tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
     # fp32 Gram and fp64 H_d⁻¹, plus (tyr) the working copy of each level's solve; W, G, Ŵ in fp64
     solver = n_in**2 * (4 + 8 + (8 if method == "tyr" else 0)) + 3 * n_in * shape.hidden * 8
@@ -390,6 +405,8 @@ def estimate(
     method: str = "tyr",
     dtype: str = "float32",
     teacher_cache: str = "auto",
+    offload: str = "auto",
+    memory_budget: float | None = None,
 ) -> dict[str, Any]:
     """Estimates for pruning `model` (None = the embedded default, a directory holding
     config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
@@ -404,6 +421,8 @@ def estimate(
         preset=preset,
         dtype=dtype,
         teacher_cache=teacher_cache,
+        offload=offload,
+        memory_budget=memory_budget,
     )
     config, name = load_config(model)
     dims = dims_of(config)
@@ -425,7 +444,10 @@ def estimate(
     topk = min(settings.kl_topk, dims.vocab)
     cache = teacher_cache_mode(teacher_cache, settings.calib_tokens, topk) if tyr else "none"
     teacher = settings.calib_tokens * topk * TEACHER_ENTRY_BYTES if cache == "disk" else 0
-    ram, phase = peak_ram(dims, settings, method, b, supernet)
+    acts = activation_bytes(settings.calib_tokens, dims.shape.hidden, dims.shape.intermediate, dtype)
+    budget = int(memory_budget * 1e9) if memory_budget else available_memory_bytes() // 2
+    where = offload_mode(offload, acts, budget)
+    ram, phase = peak_ram(dims, settings, method, b, supernet, where)
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
     return {
@@ -468,9 +490,11 @@ def estimate(
         "disk_bytes": {"dense": dims.total * b, "pruned": pruned_total * b},
         "ideal_speedup": {"prefill": round(prefill, 4), "decode": round(decode, 4)},
         "supernet_bytes": supernet,
-        "workdir_bytes": (sum(per_iteration) if tyr else 0) + teacher,
+        "workdir_bytes": (sum(per_iteration) if tyr else 0) + teacher + (acts if where == "disk" else 0),
         "teacher_cache": cache,
         "teacher_cache_bytes": teacher,
+        "offload": where,
+        "activation_bytes": acts,
         "peak_ram_bytes": ram,
         "peak_ram_phase": phase,
         "runtime_s": _runtime(dims, settings, S, method, kept, cache),
@@ -527,7 +551,8 @@ def format_plan(est: dict[str, Any]) -> str:
             ),
             (f"work directory ({st['iterations']} iterations)", fmt_bytes(est["workdir_bytes"])),
         ]
-    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations in memory)"
+    where = "in memory" if est["offload"] == "cpu" else "on disk"
+    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations {where})"
     costs.append((ram, fmt_bytes(est["peak_ram_bytes"])))
     if tyr:
         costs += [

@@ -1,0 +1,20 @@
+"""What the host machine offers a run: the memory available to it now."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["available_memory_bytes"]
+
+
+def available_memory_bytes() -> int:
+    """Memory a new allocation can take without swapping: Linux's MemAvailable (free memory
+    plus the page cache it can drop), else the free physical pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

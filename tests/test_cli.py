@@ -163,15 +163,18 @@ def test_activations_over_the_memory_budget_go_to_disk(tiny_dir, calib_txt, tmp_
     directory; the model is the same, byte for byte, and the identity too (a finished output
     is found again whatever the placement)."""
     caplog.set_level("INFO", logger="tyr")
-    runs = {"cpu": ["--offload", "cpu"], "auto": ["--memory-budget", "1e-6"]}
+    runs = {"auto": ["--memory-budget", "1e-6"], "cpu": ["--offload", "cpu"]}  # auto fills the cache
     for name, extra in runs.items():
-        args = [*_args(tiny_dir, calib_txt, tmp_path / name, "--method", "uniform", *extra), "--no-eval"]
+        args = [*_args(tiny_dir, calib_txt, tmp_path / name, "--method", "uniform", *extra)]
+        args += ["--workdir", str(tmp_path / f"w-{name}")]
         assert main(args) == 0
-    assert "in the work directory; budget 0.00 GB" in caplog.text
+    assert "calibration activations (0.00 GB) in the work directory; budget 0.00 GB" in caplog.text
+    assert "held-out activations (0.00 GB) in the work directory" in caplog.text
     a, b = ((tmp_path / r / "model.safetensors").read_bytes() for r in runs)
     assert a == b
-    ids = [json.loads((tmp_path / r / "result.json").read_text())["config_identity"] for r in runs]
-    assert ids[0] == ids[1]
+    res = [json.loads((tmp_path / r / "result.json").read_text()) for r in runs]
+    assert res[0]["config_identity"] == res[1]["config_identity"]
+    assert res[0]["ppl"] == res[1]["ppl"]  # dense (computed once, then cached) and pruned
 
 
 def test_python_api(tiny_dir, calib_txt, tmp_path):

@@ -198,7 +198,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
         check_options(workdir, asked.work_options(), record=True)
     _log_model(run, shape, dense_block)
     clock.add("load", t)
-    ppl = _dense_ppl(run, model, lazy, heldout, clock) if heldout is not None else None
+    ppl = _dense_ppl(run, model, lazy, heldout, shape, workdir, clock) if heldout is not None else None
 
     plans, search_log = _prune(run, model, lazy, shape, calib, workdir, clock)
     if not dist.is_main():
@@ -211,15 +211,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     verify_export(model, tmp, calib[:1, : min(64, run.seq_len)], lazy)
     t = clock.add("export", t)
     if ppl is not None and heldout is not None:
-        ppl["pruned"] = perplexity(
-            model,
-            spec,
-            heldout,
-            batch_size=run.sizes.batch_size,
-            device=cfg.device,
-            desc="pruned perplexity",
-            lazy=lazy,
-        )
+        ppl["pruned"] = _perplexity(run, model, lazy, heldout, shape, workdir, "pruned perplexity")
         clock.add("eval", t)
 
     clock.spans["total"] = round(time.perf_counter() - clock.start, 3)
@@ -325,8 +317,39 @@ def _log_model(run: _Opened, shape: Shape, dense_block: int) -> None:
     )
 
 
+def _perplexity(
+    run: _Opened,
+    model: nn.Module,
+    lazy: LazyModel | None,
+    heldout: torch.Tensor,
+    shape: Shape,
+    workdir: Path,
+    desc: str,
+) -> float:
+    """Held-out perplexity, its activations in memory or, past the budget, in the work directory."""
+    cfg = run.cfg
+    needed = activation_bytes(heldout.numel(), shape.hidden, 0, cfg.dtype)
+    return perplexity(
+        model,
+        run.opened.spec,
+        heldout,
+        batch_size=run.sizes.batch_size,
+        device=cfg.device,
+        desc=desc,
+        lazy=lazy,
+        offload=_offload(cfg, needed, "held-out activations"),
+        offload_root=workdir,
+    )
+
+
 def _dense_ppl(
-    run: _Opened, model: nn.Module, lazy: LazyModel | None, heldout: torch.Tensor, clock: _Clock
+    run: _Opened,
+    model: nn.Module,
+    lazy: LazyModel | None,
+    heldout: torch.Tensor,
+    shape: Shape,
+    workdir: Path,
+    clock: _Clock,
 ) -> record.Ppl:
     """The dense model's held-out perplexity, computed once per model and setting (cached)."""
     cfg, t = run.cfg, time.perf_counter()
@@ -339,16 +362,7 @@ def _dense_ppl(
         "metric": "ppl/1",
     }
     dense = cached_ppl(
-        key,
-        lambda: perplexity(
-            model,
-            run.opened.spec,
-            heldout,
-            batch_size=run.sizes.batch_size,
-            device=cfg.device,
-            desc="dense perplexity",
-            lazy=lazy,
-        ),
+        key, lambda: _perplexity(run, model, lazy, heldout, shape, workdir, "dense perplexity")
     )
     clock.add("eval", t)
     return {"source": cfg.eval_data, "tokens": heldout.numel(), "seq_len": run.seq_len, "dense": dense}
@@ -366,7 +380,8 @@ def _prune(
     """The method: per-block plans and, for `tyr`, the search log. The search is shared by
     every rank; the uniform prune is rank 0's alone (the others get no plans)."""
     cfg, spec, t = run.cfg, run.opened.spec, time.perf_counter()
-    offload = _offload(cfg, shape, calib)
+    needed = activation_bytes(calib.numel(), shape.hidden, shape.intermediate, cfg.dtype)
+    offload = _offload(cfg, needed, "calibration activations")
     if cfg.method == "tyr":
         plans, search_log = _search(run, model, shape, calib, workdir, offload)
         supernet_s = sum(r["supernet_seconds"] for r in search_log)
@@ -389,15 +404,14 @@ def _prune(
     return plans, None
 
 
-def _offload(cfg: PruneConfig, shape: Shape, calib: torch.Tensor) -> str:
-    """Where the calibration activations go (`--offload auto`: memory while they take at most
+def _offload(cfg: PruneConfig, needed: int, what: str) -> str:
+    """Where activations of `needed` bytes go (`--offload auto`: memory while they take at most
     `--memory-budget` GB, by default half of the memory available now; else the work directory)."""
-    needed = activation_bytes(calib.numel(), shape.hidden, shape.intermediate, cfg.dtype)
     budget = int(cfg.memory_budget * 1e9) if cfg.memory_budget else available_memory_bytes() // 2
     mode = offload_mode(cfg.offload, needed, budget)
     if cfg.offload == "auto":
         where = "in memory" if mode == "cpu" else "in the work directory"
-        log.info("calibration activations (%.2f GB) %s; budget %.2f GB", needed / 1e9, where, budget / 1e9)
+        log.info("%s (%.2f GB) %s; budget %.2f GB", what, needed / 1e9, where, budget / 1e9)
     return mode
 
 

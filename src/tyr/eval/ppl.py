@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,11 +57,14 @@ def perplexity(
     device: str = "cpu",
     desc: str = "perplexity",
     lazy: LazyModel | None = None,
+    offload: str = "cpu",
+    offload_root: Path | None = None,
 ) -> float:
     """PPL of non-overlapping windows [n, L], one block at a time (`lazy`: the state of a model
-    whose blocks are read from disk)."""
+    whose blocks are read from disk); the block activations live in memory or, with `offload`
+    disk, in files under `offload_root`."""
     batches = list(windows.split(batch_size))
-    inputs = capture(model, spec, batches, device, lazy=lazy)
+    inputs = capture(model, spec, batches, device, offload, offload_root, lazy=lazy)
     bar = tqdm(total=len(arch.layers(model, spec)), desc=desc, unit="block", leave=False)
     norm, head = arch.get_module(model, spec.final_norm), arch.get_module(model, spec.lm_head)
     try:

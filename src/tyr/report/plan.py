@@ -31,7 +31,8 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
   index) on disk; 0 when the teacher is recomputed per minibatch, and for ``uniform`` (no
   search, no teacher).
 - ``offload`` (``cpu`` or ``disk``: ``--offload auto`` resolved against this machine's available
-  memory, as a run resolves it) and ``activation_bytes`` (the calibration activations).
+  memory, as a run resolves it) and ``activation_bytes`` (the calibration activations);
+  ``eval_offload`` the same for the held-out perplexity's activations.
   ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune, search
   or eval), activations in memory or, offloaded, one batch of them; the search holds the
   largest stage's teacher top-k.
@@ -321,10 +322,17 @@ def eval_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float
 
 
 def peak_ram(
-    dims: Dims, settings: Sizes, method: str, dtype_bytes: int, supernet: int, offload: str = "cpu"
+    dims: Dims,
+    settings: Sizes,
+    method: str,
+    dtype_bytes: int,
+    supernet: int,
+    offload: str = "cpu",
+    eval_offload: str = "cpu",
 ) -> tuple[int, str]:
     """(bytes, phase) of the largest host-memory phase, block activations in memory (`offload`
-    cpu) or in the work directory but for one batch (disk).
+    cpu) or in the work directory but for one batch (disk); `eval_offload` likewise for the
+    held-out perplexity's.
 
     `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
     safetensors checkpoint (tyr.stream.lazy) and keeps the MLP's intermediate activations on disk."""
@@ -333,7 +341,8 @@ def peak_ram(
     if method != "tyr":
         weights = dims.block // shape.n_layers * dtype_bytes  # one block (embeddings: mapped)
     held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
-    tokens = settings.calib_tokens if offload == "cpu" else settings.batch_size * settings.seq_len
+    batch = settings.batch_size * settings.seq_len
+    tokens = settings.calib_tokens if offload == "cpu" else batch
     calib_acts = tokens * shape.hidden * dtype_bytes * 2  # block input and output
     mlp_inputs = tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
@@ -342,7 +351,7 @@ def peak_ram(
     phases = {
         "prune": weights + calib_acts + mlp_inputs + solver + held,
         "eval": weights
-        + settings.eval_tokens * shape.hidden * dtype_bytes * 2
+        + (settings.eval_tokens if eval_offload == "cpu" else batch) * shape.hidden * dtype_bytes * 2
         + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
@@ -447,7 +456,9 @@ def estimate(
     acts = activation_bytes(settings.calib_tokens, dims.shape.hidden, dims.shape.intermediate, dtype)
     budget = int(memory_budget * 1e9) if memory_budget else available_memory_bytes() // 2
     where = offload_mode(offload, acts, budget)
-    ram, phase = peak_ram(dims, settings, method, b, supernet, where)
+    eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
+    eval_where = offload_mode(offload, eval_acts, budget)
+    ram, phase = peak_ram(dims, settings, method, b, supernet, where, eval_where)
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
     return {
@@ -494,6 +505,7 @@ def estimate(
         "teacher_cache": cache,
         "teacher_cache_bytes": teacher,
         "offload": where,
+        "eval_offload": eval_where,
         "activation_bytes": acts,
         "peak_ram_bytes": ram,
         "peak_ram_phase": phase,

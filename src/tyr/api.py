@@ -31,7 +31,7 @@ from tyr.export import (
     write_gguf,
 )
 from tyr.heal import run_heal
-from tyr.infra import assets, available_memory_bytes, check_options, dist, finish_out, locked, prepare_out
+from tyr.infra import assets, check_options, dist, finish_out, locked, memory_budget_bytes, prepare_out
 from tyr.loader import Opened, fingerprint, load, load_lazy, load_weights, open_model, resolve, source_gguf
 from tyr.methods import SearchOptions, SolverOptions, prune_uniform, read_genome, search_prune
 from tyr.modeling import LayerPlan, apply_plans, plans_metadata
@@ -407,7 +407,7 @@ def _prune(
 def _offload(cfg: PruneConfig, needed: int, what: str) -> str:
     """Where activations of `needed` bytes go (`--offload auto`: memory while they take at most
     `--memory-budget` GB, by default half of the memory available now; else the work directory)."""
-    budget = int(cfg.memory_budget * 1e9) if cfg.memory_budget else available_memory_bytes() // 2
+    budget = memory_budget_bytes(cfg.memory_budget)
     mode = offload_mode(cfg.offload, needed, budget)
     if cfg.offload == "auto":
         where = "in memory" if mode == "cpu" else "in the work directory"

@@ -13,7 +13,7 @@ from tyr.infra.assets import (
     tyr_home,
     wheel,
 )
-from tyr.infra.host import available_memory_bytes
+from tyr.infra.host import available_memory_bytes, memory_budget_bytes
 from tyr.infra.workdir import (
     atomic_json,
     atomic_write,
@@ -28,6 +28,7 @@ from tyr.infra.workdir import (
 
 __all__ = [
     "available_memory_bytes",
+    "memory_budget_bytes",
     "atomic_write",
     "atomic_writer",
     "atomic_json",

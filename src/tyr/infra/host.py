@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available_memory_bytes"]
+__all__ = ["available_memory_bytes", "memory_budget_bytes"]
 
 
 def available_memory_bytes() -> int:
@@ -18,3 +18,9 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget_bytes(gigabytes: float | None) -> int:
+    """The host memory activations may take before they go to disk (`--memory-budget`): the
+    gigabytes given, else half of the memory available now."""
+    return int(gigabytes * 1e9) if gigabytes else available_memory_bytes() // 2

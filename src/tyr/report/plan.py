@@ -69,7 +69,7 @@ from tyr.config import (
 )
 from tyr.errors import UserError
 from tyr.eval import LOGIT_ELEMENTS
-from tyr.infra import available_memory_bytes
+from tyr.infra import memory_budget_bytes
 from tyr.modeling import unfuse
 from tyr.report.fmt import fmt_bytes, fmt_params
 
@@ -454,7 +454,7 @@ def estimate(
     cache = teacher_cache_mode(teacher_cache, settings.calib_tokens, topk) if tyr else "none"
     teacher = settings.calib_tokens * topk * TEACHER_ENTRY_BYTES if cache == "disk" else 0
     acts = activation_bytes(settings.calib_tokens, dims.shape.hidden, dims.shape.intermediate, dtype)
-    budget = int(memory_budget * 1e9) if memory_budget else available_memory_bytes() // 2
+    budget = memory_budget_bytes(memory_budget)
     where = offload_mode(offload, acts, budget)
     eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
     eval_where = offload_mode(offload, eval_acts, budget)

@@ -113,8 +113,8 @@ def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
 
 
 def activation_bytes(tokens: int, hidden: int, intermediate: int, dtype: str) -> int:
-    """Host memory of the calibration activations the local pruner keeps: each token's block
-    input and output (hidden wide) and its MLP intermediate (intermediate wide)."""
+    """Host memory of block activations: each token's block input and output (hidden wide) and,
+    for the local pruner, its MLP intermediate (`intermediate` wide; 0 for a perplexity)."""
     return tokens * (2 * hidden + intermediate) * DTYPE_BYTES[dtype]
 
 

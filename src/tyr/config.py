@@ -82,8 +82,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # Training tokens of `tyr heal` by default: sized so that the embedded 135M model's 50 % result
-# heals in under 30 minutes on 2 CPU cores: 32 steps of 8 × 512 (docs/healing.md §3).
-HEAL_TOKENS = 131_072
+# heals in under 30 minutes on 2 CPU cores: 40 steps of 8 × 512 (docs/healing.md §3).
+HEAL_TOKENS = 163_840
 # Teacher logits per position of the distillation loss, 0 = the whole vocabulary: a top-k KL
 # ignores the student's mass outside the teacher's k, and healed far less (docs/healing.md §1).
 HEAL_KL_TOPK = 0

@@ -3,8 +3,10 @@
 Both runs use all the machine's cores: one process with every core as threads, N processes
 with cores / N threads each. They prune the embedded model with the same options into separate
 work directories; the speedup is the ratio of the `supernet` and `search` timings in their
-result.json. (Identical genomes need the same threads per process in both runs, which this
-speed comparison does not keep; `tests/test_dist.py` checks the identity.)
+result.json. Each rank runs its share of the calibration chunks through the blocks; the
+counts of block forwards per rank, from result.json, show the division. (Identical genomes need
+the same threads per process in both runs, which this speed comparison does not keep;
+`tests/test_dist.py` checks the identity.)
 
     python benchmarks/dist_search.py --procs 2 --json benchmarks/results/dist_search.json
 """
@@ -36,13 +38,16 @@ def run(launcher: list[str], args: list[str], out: Path, threads: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     res = json.loads((out / "result.json").read_text())
+    iterations = res["search"]["iterations"]
     return {
         "processes": res["machine"]["processes"],
         "threads_per_process": threads,
         "supernet_s": res["timings"]["supernet"],
         "search_s": res["timings"]["search"],
         "total_s": round(wall, 1),
-        "genome": [it["genome"] for it in res["search"]["iterations"]],
+        "genome": [it["genome"] for it in iterations],
+        # block forwards of the calibration chunks in the supernet builds, per rank
+        "block_forwards": [sum(f) for f in zip(*(it["block_forwards"] for it in iterations), strict=True)],
         "sparsity_achieved": res["sparsity_achieved"],
     }
 
@@ -63,6 +68,8 @@ def main() -> None:
     print(f"{'':>22} {'1 process':>12} {f'{ns.procs} processes':>12} {'speedup':>8}")
     for key, name in (("supernet_s", "supernet build (s)"), ("search_s", "search (s)")):
         print(f"{name:>22} {one[key]:>12.1f} {many[key]:>12.1f} {speedup[key]:>7.2f}x")
+    per_rank = ", ".join(str(f) for f in many["block_forwards"])
+    print(f"{'block forwards':>22} {one['block_forwards'][0]:>12} {per_rank:>12}  (per rank)")
     print(f"same genome: {one['genome'] == many['genome']}")
     result = {
         "schema": "tyr.dist_search/1",

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--healed", required=True, help="comma-separated --out directories of tyr heal")
     ap.add_argument("--dense-eval", help="tyr eval JSON of the dense model (same limit)")
     ap.add_argument("--pruned-eval", help="tyr eval JSON of the pruned model (same limit)")
+    ap.add_argument("--healed-eval", help="tyr eval JSONs of the healed models, as --healed (same limit)")
     ap.add_argument("--limit", type=int, default=300, help="questions per task")
     ap.add_argument("--ppl-tokens", type=int, default=32768, help="LAMBADA tokens")
     ap.add_argument("--json", required=True)
@@ -64,6 +65,8 @@ def main() -> None:
     for h in healed:
         models[h.name] = tyr.load(h)
     given = {"dense": args.dense_eval, "pruned": args.pruned_eval}
+    for h, ev in zip(healed, (args.healed_eval or "").split(","), strict=False):
+        given[h.name] = ev or None
     rows: dict[str, Any] = {}
     for name, model in models.items():
         spec = arch.spec_for(model)

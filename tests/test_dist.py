@@ -40,6 +40,10 @@ def test_two_processes_give_the_single_process_result(tiny_dir, calib_txt, tmp_p
     assert one["machine"]["processes"] == 1 and two["machine"]["processes"] == 2
     genomes = [[it["genome"] for it in r["search"]["iterations"]] for r in (one, two)]
     assert genomes[0] == genomes[1]
+    # Each rank ran half of the calibration chunks through the blocks.
+    for it_one, it_two in zip(one["search"]["iterations"], two["search"]["iterations"], strict=True):
+        (alone,), (first, second) = it_one["block_forwards"], it_two["block_forwards"]
+        assert first == second == alone // 2 > 0
     assert (tmp_path / "one" / "model.safetensors").read_bytes() == (
         tmp_path / "two" / "model.safetensors"
     ).read_bytes()
@@ -74,3 +78,43 @@ def test_single_process_helpers_are_plain():
     assert list(dist.mine(3)) == [0, 1, 2]
     assert dist.map_ordered(lambda x: x * x, [1, 2, 3]) == [1, 4, 9]
     assert dist.share(5) == 5
+
+
+def _deal(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as td
+
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        seen = {}
+        for n in (1, 3, 4):  # fewer tasks than ranks, an uneven and an even round
+            asked: list[int] = []
+
+            def compute(k: int, n=n, asked=asked) -> torch.Tensor:
+                asked.append(k)
+                i = k * world + rank  # the global index of this rank's k-th task
+                return torch.full((2, i + 1), float(i))  # shapes differ between tasks
+
+            got = [t.clone() for t in dist.each_in_order(n, compute)]
+            seen[n] = {"asked": asked, "got": [t.tolist() for t in got]}
+        Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    finally:
+        td.destroy_process_group()
+
+
+def test_each_in_order_gives_every_rank_all_tasks_in_index_order(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_deal, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    for n in ("1", "3", "4"):
+        expected = [[[float(i)] * (i + 1)] * 2 for i in range(int(n))]
+        assert ranks[0][n]["got"] == ranks[1][n]["got"] == expected
+        # Each rank computed only its own tasks, as dist.mine deals them.
+        assert ranks[0][n]["asked"] == list(range(len(range(0, int(n), 2))))
+        assert ranks[1][n]["asked"] == list(range(len(range(1, int(n), 2))))

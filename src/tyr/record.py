@@ -90,6 +90,7 @@ class Iteration(TypedDict):
     supernet_seconds: float
     search_seconds: float
     tokens_scored: int | None  # student tokens over all fitness calls (None after a resume)
+    block_forwards: list[int]  # calibration chunks run through a block in the supernet build, per rank
 
 
 class Search(TypedDict):

@@ -2,16 +2,17 @@
 
 Every rank loads the model and the calibration data and walks the same program; work that is
 independent is split by index (:func:`mine`) and the results are gathered back in index order
-(:func:`gather`), so each value is computed exactly as one process would compute it and the
-result does not depend on the number of processes (given the same threads per process). Rank 0
-alone writes files. With one process (no ``torchrun``) every function is a no-op.
+(:func:`gather`, :func:`each_in_order`), so each value is computed exactly as one process would
+compute it and the result does not depend on the number of processes (given the same threads
+per process). Rank 0 alone writes files. With one process (no ``torchrun``) every function is a
+no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "mine",
     "gather",
     "map_ordered",
+    "each_in_order",
     "share",
     "barrier",
     "teardown",
@@ -87,6 +89,30 @@ def gather(local: dict[int, T], n: int) -> list[T]:
 def map_ordered(fn: Any, items: Sequence[Any]) -> list[Any]:
     """[fn(x) for x in items], each item computed on one rank, the list the same on all."""
     return gather({i: fn(items[i]) for i in mine(len(items))}, len(items))
+
+
+def each_in_order(n: int, compute: Callable[[int], torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The tensors of n tasks dealt round robin (task i is rank i mod world's (i // world)-th),
+    on every rank in index order: this rank computes its own, `compute(local index)`, and each
+    other arrives from its rank. A round of `world` tasks is held at a time. Every rank must
+    consume the whole iterator (each step is a collective)."""
+    if not _active():
+        yield from (compute(i) for i in range(n))
+        return
+    w, r = world(), rank()
+    for start in range(0, n, w):
+        own = compute(start // w).contiguous() if start + r < n else None
+        for i in range(start, min(start + w, n)):
+            src = i % w
+            meta: list[Any] = [None]
+            if src == r:
+                assert own is not None
+                meta = [(tuple(own.shape), own.dtype, own.device.type)]
+            td.broadcast_object_list(meta, src=src)
+            shape, dtype, kind = meta[0]
+            buf = own if own is not None and src == r else torch.empty(shape, dtype=dtype, device=kind)
+            td.broadcast(buf, src=src)
+            yield buf
 
 
 def share(value: T | None = None) -> T | None:

@@ -153,13 +153,16 @@ def search_prune(
         dist.barrier()  # every rank sees the same files from here on
         built = time.perf_counter()
         loaded = store.load_all(genes)  # a finished supernet needs no forward pass
+        forwards = 0
         if loaded is not None:
             cands = loaded
         else:
-            inputs = capture(model, spec, batches, device, offload, workdir)
+            # Each rank runs its share of the calibration chunks through every block.
+            inputs = capture(model, spec, batches, device, offload, workdir, divide=True)
             try:
                 desc = f"supernet {t}/{opt.iterations}"
                 cands = build(model, spec, shape, inputs, subs, store, opt.supernet, device, desc=desc)
+                forwards = inputs.forwards
             finally:
                 inputs.close()
         built = time.perf_counter() - built
@@ -179,6 +182,7 @@ def search_prune(
                 "supernet_seconds": round(built, 1),
                 "search_seconds": round(time.perf_counter() - searched, 1),
                 "tokens_scored": scored,  # student tokens over all fitness calls (None if unknown)
+                "block_forwards": dist.gather({dist.rank(): forwards}, dist.world()),
             }
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))

@@ -21,7 +21,6 @@ from tyr.stream.lazy import LazyModel, editing, resident
 from tyr.stream.stats import (
     Gram,
     collect_gram,
-    gram_of,
     propagate_mlp,
 )
 
@@ -37,7 +36,6 @@ __all__ = [
     "to_device",
     "on_device",
     "Gram",
-    "gram_of",
     "collect_gram",
     "propagate_mlp",
     "LazyModel",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tyr import arch
 from tyr.arch import ArchSpec
 from tyr.compat import layer_output
+from tyr.infra import dist
 from tyr.stream import lazy as lazy_mod
 
 __all__ = [
@@ -94,7 +95,12 @@ class BlockInputs:
 
     Families with several attention types (sliding-window and global layers) give their blocks
     different masks and rotary tables; `kwargs[i]` is the first block's, and
-    :meth:`kwargs_for` returns any block's."""
+    :meth:`kwargs_for` returns any block's.
+
+    A divided set (`total` chunks over the processes of a torchrun) holds this rank's chunks
+    only, dealt round robin as :func:`tyr.infra.dist.mine` deals them: each rank runs its own
+    chunks through a block, and :meth:`in_order` brings what the statistics need from every
+    chunk, in the order of one process. `forwards` counts the block forwards run here."""
 
     def __init__(
         self,
@@ -102,14 +108,30 @@ class BlockInputs:
         kwargs: list[dict[str, Any]],
         by_type: list[dict[str, dict[str, Any]]] | None = None,
         layer_type: dict[int, str] | None = None,
+        total: int | None = None,
     ) -> None:
         self.hidden = hidden
         self.kwargs = kwargs
         self._by_type = by_type
         self._layer_type = layer_type or {}
+        self.total = len(kwargs) if total is None else total
+        self.divided = total is not None
+        self.forwards = 0
 
     def __len__(self) -> int:
         return len(self.kwargs)
+
+    def run(self, layer: nn.Module, i: int, device: torch.device | str = "cpu") -> Tensor:
+        """`layer`'s output for this rank's chunk i (the stored inputs are left as they are)."""
+        self.forwards += 1
+        return forward_block(layer, self.hidden[i].to(device), to_device(self.kwargs_for(layer, i), device))
+
+    def in_order(self, compute: Callable[[int], Tensor]) -> Iterator[Tensor]:
+        """`compute(i)` of every chunk, in chunk order; a divided set computes its own chunks
+        and receives the others' (every rank must consume it all)."""
+        if not self.divided:
+            return (compute(i) for i in range(len(self)))
+        return dist.each_in_order(self.total, compute)
 
     def kwargs_for(self, layer: nn.Module, i: int) -> dict[str, Any]:
         """The kwargs that `layer` (a block of the captured model) receives for chunk i."""
@@ -161,10 +183,15 @@ def capture(
     offload: str = "cpu",
     offload_root: Path | None = None,
     lazy: lazy_mod.LazyModel | None = None,
+    divide: bool = False,
 ) -> BlockInputs:
     """Run the embedding stage for each token batch [b, T] and keep block 0's inputs and kwargs
     (and, for families mixing attention types, the kwargs of the first block of each type).
-    `lazy`: the state of `model` when its blocks are read from disk (:mod:`tyr.stream.lazy`)."""
+    `lazy`: the state of `model` when its blocks are read from disk (:mod:`tyr.stream.lazy`).
+    `divide`: under torchrun, keep this rank's share of the batches only (a divided set)."""
+    total = len(batches) if divide and dist.world() > 1 else None
+    if total is not None:
+        batches = [batches[i] for i in dist.mine(total)]
     base = _base_model(model, spec)
     blocks = arch.layers(model, spec)
     types = layer_types(model)
@@ -220,8 +247,9 @@ def capture(
         if lazy is not None:
             lazy.drop_pages()  # the embedding rows the lookups brought in
     if types is None:
-        return BlockInputs(store, all_kwargs)
-    return BlockInputs(store, all_kwargs, by_type, {id(blk): t for blk, t in zip(blocks, types, strict=True)})
+        return BlockInputs(store, all_kwargs, total=total)
+    layer_type = {id(blk): t for blk, t in zip(blocks, types, strict=True)}
+    return BlockInputs(store, all_kwargs, by_type, layer_type, total=total)
 
 
 def forward_block(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
@@ -267,8 +295,7 @@ def run_blocks(
         for b, layer in enumerate(arch.layers(model, spec)):
             with on_device(layer, device, lazy):
                 for i in range(len(inputs)):
-                    kw = to_device(inputs.kwargs_for(layer, i), device)
-                    inputs.hidden[i] = forward_block(layer, inputs.hidden[i].to(device), kw)
+                    inputs.hidden[i] = inputs.run(layer, i, device)
             if on_block is not None:
                 on_block(b)
     return inputs

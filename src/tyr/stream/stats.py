@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from tyr.stream.blocks import BlockInputs, StopForward, forward_block, to_device
+from tyr.stream.blocks import BlockInputs, StopForward
 
-__all__ = ["Gram", "gram_of", "collect_gram", "propagate_mlp"]
+__all__ = ["Gram", "collect_gram", "propagate_mlp"]
 
 
 class Gram:
@@ -32,43 +32,34 @@ class Gram:
 
 
 @contextlib.contextmanager
-def gram_of(
-    linear: nn.Linear,
-    gram: Gram,
-    *,
-    stop: bool = False,
-    sink: Callable[[Tensor], None] | None = None,
-) -> Iterator[Gram]:
-    """Accumulate the inputs of `linear` into `gram` while the context is open.
-
-    stop=True ends each forward right after the input is seen (raises :class:`StopForward`,
-    which the caller catches); `sink` also receives every input chunk.
-    """
+def _inputs_of(linear: nn.Linear, sink: Callable[[Tensor], None], *, stop: bool = False) -> Iterator[None]:
+    """Pass every input of `linear` to `sink` while the context is open; stop=True ends each
+    forward right after (raises :class:`StopForward`, which the caller catches)."""
 
     def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        gram.add(x)
-        if sink is not None:
-            sink(x)
+        sink(args[0])
         if stop:
             raise StopForward()
 
     handle = linear.register_forward_pre_hook(hook)
     try:
-        yield gram
+        yield
     finally:
         handle.remove()
 
 
 def collect_gram(layer: nn.Module, linear: nn.Linear, inputs: BlockInputs, device: str = "cpu") -> Gram:
     """H of `linear`'s inputs over every chunk; each forward stops right after `linear` sees them."""
+
+    def seen(i: int) -> Tensor:
+        got: list[Tensor] = []
+        with _inputs_of(linear, got.append, stop=True), contextlib.suppress(StopForward):
+            inputs.run(layer, i, device)
+        return got[0]
+
     gram = Gram(linear.in_features, device=device)
-    with gram_of(linear, gram, stop=True):
-        for i in range(len(inputs)):
-            with contextlib.suppress(StopForward):
-                forward_block(
-                    layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
-                )
+    for x in inputs.in_order(seen):  # chunk order, whichever rank ran the chunk
+        gram.add(x)
     return gram
 
 
@@ -90,14 +81,19 @@ def propagate_mlp(
     The z (d_ff wide) are kept where `z_offload` says, by default beside the activations.
     """
     z_store = inputs.hidden.sibling(z_offload) if residual else None
+
+    def seen(i: int) -> Tensor:
+        got: list[Tensor] = []
+        with _inputs_of(down, got.append):
+            y = inputs.run(layer, i, device)
+        if z_store is not None:
+            inputs.hidden[i] = y
+            z_store.append(got[0])
+        return got[0]
+
     gram = Gram(down.in_features, device=device)
-    with gram_of(down, gram, sink=z_store.append if z_store is not None else None):
-        for i in range(len(inputs)):
-            y = forward_block(
-                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
-            )
-            if z_store is not None:
-                inputs.hidden[i] = y
+    for z in inputs.in_order(seen):
+        gram.add(z)
     new = choose(gram.H).to(down.weight)
     delta = new - down.weight
     down.weight.copy_(new)
@@ -105,8 +101,6 @@ def propagate_mlp(
         if z_store is not None:
             inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
         else:
-            inputs.hidden[i] = forward_block(
-                layer, inputs.hidden[i].to(device), to_device(inputs.kwargs_for(layer, i), device)
-            )
+            inputs.hidden[i] = inputs.run(layer, i, device)
     if z_store is not None:
         z_store.close()

@@ -242,7 +242,8 @@ def build(
     inputs propagated through the previous blocks' W_prop (§5.4). The model's weights are left
     dense; `inputs` are consumed."""
     out: dict[Gene, list[Candidate]] = {}
-    probe = inputs.hidden[0].clone()  # dense activations of the first chunk, for the §6.5 check
+    # Dense activations of the first chunk (rank 0 holds it), for the §6.5 check.
+    probe = inputs.hidden[0].clone() if dist.is_main() else None
     blocks = arch.layers(model, spec)
     attn_total, mlp_total = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
     with tqdm(total=len(blocks), desc=desc, unit="block") as bar:
@@ -250,8 +251,9 @@ def build(
             with on_device(layer, device):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
-                kw0 = to_device(inputs.kwargs_for(layer, 0), device)
-                probe = forward_block(layer, probe.to(device), kw0).to("cpu")
+                if probe is not None:
+                    kw0 = to_device(inputs.kwargs_for(layer, 0), device)
+                    probe = forward_block(layer, probe.to(device), kw0).to("cpu")
 
                 ga, gf = Gene(b, "attn"), Gene(b, "mlp")
                 cands_a = store.finished(ga)
@@ -288,7 +290,9 @@ def build(
                 a.o.weight.copy_(dense_o)
                 m.down.weight.copy_(dense_down)
 
-            drift = float((inputs.hidden[0] - probe).norm() / probe.norm().clamp(min=1e-30))
+            gap = None if probe is None else (inputs.hidden[0] - probe).norm() / probe.norm().clamp(min=1e-30)
+            drift = dist.share(None if gap is None else float(gap))
+            assert drift is not None
             pruned = any(c.removed_params > 0 for c in cands_a + cands_f)
             if opt.accumulation != "none" and pruned and drift == 0.0:
                 raise RuntimeError(

@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# Batches of 2 sequences: the smoke preset's 8 calibration sequences make 4 chunks to deal.
 DEFAULT_ARGS = [
     "--sparsity", "0.5", "--preset", "smoke", "--iterations", "2", "--generations", "8",
-    "--offspring", "8", "--no-eval", "--quiet",
+    "--offspring", "8", "--batch-size", "2", "--no-eval", "--quiet",
 ]  # fmt: skip
 
 

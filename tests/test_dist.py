@@ -18,12 +18,12 @@ SEARCH = [
 ]  # fmt: skip
 
 
-def _prune(launcher: list[str], tiny_dir: Path, calib: Path, out: Path, work: Path) -> None:
+def _prune(launcher: list[str], tiny_dir: Path, calib: Path, out: Path, work: Path, *extra: str) -> None:
     # The same threads per process in both runs: GEMM results may depend on the thread count.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["prune", str(tiny_dir), "--sparsity", "0.4", "--out", str(out), "--workdir", str(work)]
     proc = subprocess.run(
-        [*launcher, *args, "--calib", str(calib), *SEARCH],
+        [*launcher, *args, "--calib", str(calib), *SEARCH, *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -69,7 +69,9 @@ def test_two_processes_give_the_single_process_result(tiny_dir, calib_txt, tmp_p
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
     proc.wait()
     assert not out.exists()
-    _prune([*torchrun, "-m", "tyr"], tiny_dir, calib_txt, out, work)
+    # Resumed with the weights read block by block on both ranks (each spilling on its own).
+    _prune([*torchrun, "-m", "tyr"], tiny_dir, calib_txt, out, work, "--weights", "disk")
+    assert not list(work.glob("stream*"))
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
 
 

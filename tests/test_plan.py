@@ -260,3 +260,28 @@ def test_plan_candidate_units_equal_the_supernets(monkeypatch: pytest.MonkeyPatc
     from_search = [(g.kind, [seen[g].units(k) for k in seen[g].levels]) for g in order]
     assert len(from_search) == 2 * shape.n_layers
     assert plan.candidate_units(shape, sparsity, 1, 9) == from_search
+
+
+def test_weights_over_the_memory_budget_stay_on_disk(tmp_path: Path) -> None:
+    """8B in bfloat16 (16 GB of weights): under a 12 GB budget `--weights auto` reads the blocks
+    from disk, and the search holds its pruned student, one dense block and the LM head instead
+    of the model twice."""
+    import inspect
+
+    from tyr.config import weights_mode
+    from tyr.search.fitness import _full_logits
+
+    d = str(_saved(tmp_path, _llama8b_config()))
+    whole = plan.estimate(d, 0.5, dtype="bfloat16", weights="memory", memory_budget=12)
+    auto = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=12)
+    assert whole["weights"] == "memory" and auto["weights"] == "disk"
+    assert plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=20)["weights"] == "memory"
+    assert plan.estimate(d, 0.5, method="uniform", memory_budget=200)["weights"] == "disk"
+    # the search phase saves the dense copy and the student's pruned half: about 1.5× the weights
+    saved = whole["peak_ram_bytes"] - auto["peak_ram_bytes"]
+    assert whole["peak_ram_phase"] == "search"
+    assert 1.2 * whole["disk_bytes"]["dense"] < saved < 1.6 * whole["disk_bytes"]["dense"]
+    assert "weights block by block" in plan.format_plan(auto)
+    assert weights_mode("auto", "tyr", 10, 9) == "disk" and weights_mode("auto", "tyr", 9, 9) == "memory"
+    assert weights_mode("memory", "uniform", 10, 9) == "memory"
+    assert inspect.signature(_full_logits).parameters["rows"].default == plan.HEAD_ROWS

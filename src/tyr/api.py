@@ -16,7 +16,16 @@ from torch import nn
 
 from tyr import __version__, arch, record
 from tyr.budget import Shape, Widths
-from tyr.config import PruneConfig, Sizes, activation_bytes, check_keys, offload_mode, resolve_preset
+from tyr.config import (
+    DTYPE_BYTES,
+    PruneConfig,
+    Sizes,
+    activation_bytes,
+    check_keys,
+    offload_mode,
+    resolve_preset,
+    weights_mode,
+)
 from tyr.data import windows
 from tyr.errors import UserError
 from tyr.eval import cached_ppl, perplexity
@@ -202,6 +211,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
 
     plans, search_log = _prune(run, model, lazy, shape, calib, workdir, clock)
     if not dist.is_main():
+        shutil.rmtree(_spill_dir(workdir), ignore_errors=True)
         return Result(out, {})
 
     t = time.perf_counter()
@@ -252,7 +262,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     write_card(tmp, dict(data), command, run.opened.provenance())
     record.write(tmp, data)
     finish_out(tmp, out)
-    shutil.rmtree(workdir / "stream", ignore_errors=True)
+    shutil.rmtree(_spill_dir(workdir), ignore_errors=True)
     return Result(out, dict(data))
 
 
@@ -291,17 +301,35 @@ def _data(run: _Opened, asked: PruneConfig) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def _weights(run: _Opened, workdir: Path) -> tuple[nn.Module, LazyModel | None]:
-    """The model, and its lazy state when its blocks stay on disk: the uniform prune reads one
-    block at a time from the checkpoint; the search holds the whole model."""
+    """The model, and its lazy state when its blocks stay on disk (`--weights`): the uniform
+    prune reads one block at a time from the checkpoint, and so does the search when the model
+    does not fit the memory budget; it then holds only its pruned student in memory."""
     cfg = run.cfg
-    spill = workdir / "stream"
-    shutil.rmtree(spill, ignore_errors=True)  # what a killed uniform run left
+    # Each process spills into its own directory: the blocks a process changes are its own.
+    spill = _spill_dir(workdir)
+    shutil.rmtree(spill, ignore_errors=True)  # what a killed run left
+    weight_bytes = run.opened.param_count() * DTYPE_BYTES[cfg.dtype]
+    mode = weights_mode(cfg.weights, cfg.method, weight_bytes, memory_budget_bytes(cfg.memory_budget))
     lazy = None
-    if cfg.method == "uniform" and dist.is_main():
+    if mode == "disk" and (cfg.method == "tyr" or dist.is_main()):
         lazy = load_lazy(run.opened, getattr(torch, cfg.dtype), spill)
+        if lazy is None and cfg.weights == "disk":
+            raise UserError(
+                f"--weights disk: {run.opened.name} cannot be read block by block",
+                "it needs a local safetensors checkpoint with the modules' own tensor names;"
+                " use --weights memory",
+            )
+    if cfg.weights == "auto" and cfg.method == "tyr":
+        where = "read block by block from disk" if lazy is not None else "in memory"
+        log.info("weights (%.2f GB) %s", weight_bytes / 1e9, where)
     if lazy is not None:
         return lazy.module, lazy
     return load_weights(run.opened, getattr(torch, cfg.dtype)), None
+
+
+def _spill_dir(workdir: Path) -> Path:
+    """Where this process writes the blocks it changes (a lazy model's spill files)."""
+    return workdir / ("stream" if dist.rank() == 0 else f"stream.rank{dist.rank()}")
 
 
 def _log_model(run: _Opened, shape: Shape, dense_block: int) -> None:
@@ -383,7 +411,7 @@ def _prune(
     needed = activation_bytes(calib.numel(), shape.hidden, shape.intermediate, cfg.dtype)
     offload = _offload(cfg, needed, "calibration activations")
     if cfg.method == "tyr":
-        plans, search_log = _search(run, model, shape, calib, workdir, offload)
+        plans, search_log = _search(run, model, lazy, shape, calib, workdir, offload)
         supernet_s = sum(r["supernet_seconds"] for r in search_log)
         clock.spans["supernet"] = round(supernet_s, 3)
         clock.spans["search"] = round(time.perf_counter() - t - supernet_s, 3)
@@ -416,7 +444,13 @@ def _offload(cfg: PruneConfig, needed: int, what: str) -> str:
 
 
 def _search(
-    run: _Opened, model: nn.Module, shape: Shape, calib: torch.Tensor, workdir: Path, offload: str
+    run: _Opened,
+    model: nn.Module,
+    lazy: LazyModel | None,
+    shape: Shape,
+    calib: torch.Tensor,
+    workdir: Path,
+    offload: str,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search (--method tyr), or the genome given by --genome; stage sizes are
     clipped to the calibration pool."""
@@ -448,7 +482,7 @@ def _search(
         ),
     )
     identity = {
-        "model": fingerprint(model),
+        "model": fingerprint(model, lazy),
         "calib": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
         "sparsity": cfg.sparsity,
         "dtype": cfg.dtype,
@@ -459,7 +493,7 @@ def _search(
         spec = run.opened.spec
         return search_prune(
             model, spec, shape, cfg.sparsity, calib, o, root, identity,
-            device=cfg.device, batch_size=sizes.batch_size, offload=offload, widths=given,
+            device=cfg.device, batch_size=sizes.batch_size, offload=offload, widths=given, lazy=lazy,
         )  # fmt: skip
 
     plans, log_rows = searched(opt, workdir, widths)

@@ -19,6 +19,7 @@ from tyr.config import (
     OFFLOADS,
     PRESET_NAMES,
     TEACHER_CACHES,
+    WEIGHTS,
     HealConfig,
     PruneConfig,
     check_keys,
@@ -104,7 +105,10 @@ def _plan_parser(sub: Any) -> None:
         "--teacher-cache", default="auto", choices=TEACHER_CACHES, help="as tyr prune's (default auto)"
     )
     p.add_argument("--offload", default="auto", choices=OFFLOADS, help="as tyr prune's (default auto)")
-    p.add_argument("--memory-budget", type=float, help="as tyr prune's: GB of activations kept in memory")
+    p.add_argument(
+        "--memory-budget", type=float, help="as tyr prune's: GB of host memory for activations and weights"
+    )
+    p.add_argument("--weights", default="auto", choices=WEIGHTS, help="as tyr prune's (default auto)")
     p.add_argument("--json", help="also write the estimates as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -236,6 +240,7 @@ def _plan(ns: argparse.Namespace) -> int:
         teacher_cache=ns.teacher_cache,
         offload=ns.offload,
         memory_budget=ns.memory_budget,
+        weights=ns.weights,
     )
     print(format_plan(est))
     if ns.json:

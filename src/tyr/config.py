@@ -26,6 +26,8 @@ __all__ = [
     "TEACHER_CACHES",
     "TEACHER_ENTRY_BYTES",
     "teacher_cache_mode",
+    "WEIGHTS",
+    "weights_mode",
     "HEAL_MODES",
     "HealConfig",
     "PruneConfig",
@@ -101,10 +103,16 @@ TEACHER_ENTRY_BYTES = 8  # one fp32 logit and its int32 vocabulary index
 # most the memory budget (default: half of the memory available when the run starts), and puts
 # them in the work directory otherwise. The place changes no value.
 OFFLOADS = ("auto", "cpu", "disk")
+# Where the dense weights live during the prune: `disk` reads one decoder block at a time from
+# a local safetensors checkpoint (the search then holds only its pruned student in memory),
+# `memory` loads the model whole. `auto`: disk for `uniform` (it reads each block once), and for
+# `tyr` when the weights take more than the memory budget (the search re-reads a dense block
+# whenever a genome changes it). A checkpoint that cannot be read block by block loads whole.
+WEIGHTS = ("auto", "memory", "disk")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # Options of how a run keeps its data, not of what it computes: the result is the same, so
 # they are no part of its identity and a work directory resumes under any of them.
-NEUTRAL_KEYS = ("teacher_cache", "offload", "memory_budget")
+NEUTRAL_KEYS = ("teacher_cache", "offload", "memory_budget", "weights")
 # Options of what follows the prune (healing, a GGUF copy): they change neither the pruned model
 # nor its work files.
 HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
@@ -125,6 +133,13 @@ def offload_mode(requested: str, needed: int, budget: int) -> str:
     if requested != "auto":
         return requested
     return "cpu" if needed <= budget else "disk"
+
+
+def weights_mode(requested: str, method: str, weight_bytes: int, budget: int) -> str:
+    """`memory` or `disk`: what `auto` means for a model of `weight_bytes` under `budget`."""
+    if requested != "auto":
+        return requested
+    return "disk" if method == "uniform" or weight_bytes > budget else "memory"
 
 
 def teacher_cache_mode(requested: str, calib_tokens: int, k: int) -> str:
@@ -213,7 +228,18 @@ class PruneConfig:
     )
     memory_budget: float | None = field(
         default=None,
-        metadata=_meta("GB of activations kept in memory by --offload auto (default: half the available)"),
+        metadata=_meta(
+            "GB of host memory --offload auto fills with activations and --weights auto with the"
+            " weights (default: half the available)"
+        ),
+    )
+    weights: str = field(
+        default="auto",
+        metadata=_meta(
+            "where the dense weights live (disk: one block at a time from safetensors; auto: disk"
+            " for uniform, and for tyr when they exceed the budget)",
+            WEIGHTS,
+        ),
     )
     workdir: str | None = field(default=None, metadata=_meta("work files; default $TYR_HOME/runs/<hash>"))
     overwrite: bool = field(default=False, metadata=_meta("replace a non-empty --out"))

@@ -31,7 +31,7 @@ from tyr.search import (
     TeacherCache,
     evolve,
 )
-from tyr.stream import capture
+from tyr.stream import LazyModel, capture
 from tyr.supernet import Candidate, Store, SupernetOptions, build
 
 __all__ = ["SearchOptions", "read_genome", "search_prune"]
@@ -119,11 +119,14 @@ def search_prune(
     batch_size: int = 8,
     offload: str = "cpu",
     widths: Widths | None = None,
+    lazy: LazyModel | None = None,
 ) -> tuple[list[LayerPlan | None], list[dict[str, Any]]]:
     """The global search; returns the per-block plans of the final genome and the search log.
 
     `widths` (`--genome`) replaces the uniform starting point, each block's attention held to
     the structures it allows; with one iteration of one level it applies them without a search.
+    `lazy`: the state of `model` when its blocks are read from disk (the supernet build reads
+    each block once per iteration; the search's student is built from them block by block).
     """
     L, mode = shape.n_layers, opt.supernet.gqa
     genes = [Gene(b, kind) for b in range(L) for kind in KINDS]
@@ -158,10 +161,10 @@ def search_prune(
             cands = loaded
         else:
             # Each rank runs its share of the calibration chunks through every block.
-            inputs = capture(model, spec, batches, device, offload, workdir, divide=True)
+            inputs = capture(model, spec, batches, device, offload, workdir, lazy=lazy, divide=True)
             try:
                 desc = f"supernet {t}/{opt.iterations}"
-                cands = build(model, spec, shape, inputs, subs, store, opt.supernet, device, desc=desc)
+                cands = build(model, spec, shape, inputs, subs, store, opt.supernet, device, desc, lazy)
                 forwards = inputs.forwards
             finally:
                 inputs.close()
@@ -169,7 +172,7 @@ def search_prune(
 
         searched = time.perf_counter()
         space = _space(genes, subs, cands, float(target), tol, joint)
-        live = LiveModel(model, spec, shape, genes, cands, store, device)
+        live = LiveModel(model, spec, shape, genes, cands, store, device, lazy=lazy)
         best, fitness_log, scored = _search_once(store, space, live, calib, teacher, opt, t, batch_size)
         log_rows.append(
             {

@@ -32,7 +32,9 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
   search, no teacher).
 - ``offload`` (``cpu`` or ``disk``: ``--offload auto`` resolved against this machine's available
   memory, as a run resolves it) and ``activation_bytes`` (the calibration activations);
-  ``eval_offload`` the same for the held-out perplexity's activations.
+  ``eval_offload`` the same for the held-out perplexity's activations. ``weights``: ``memory`` or
+  ``disk`` (``--weights auto`` resolved as a run resolves it, assuming a local safetensors
+  checkpoint, which a block-by-block read needs).
   ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune, search
   or eval), activations in memory or, offloaded, one batch of them; the search holds the
   largest stage's teacher top-k.
@@ -66,6 +68,7 @@ from tyr.config import (
     offload_mode,
     resolve_preset,
     teacher_cache_mode,
+    weights_mode,
 )
 from tyr.errors import UserError
 from tyr.eval import LOGIT_ELEMENTS
@@ -103,6 +106,9 @@ FORWARD_FLOPS_PER_S_2T = 1.148e11
 # because the solver runs in fp64 on the CPU, in 16 removal rounds of small factorizations.
 LOCAL_SOLVE_FACTOR = 4.31
 
+# Vocabulary rows of an LM head in bfloat16 that the search's teacher converts to fp32 at once
+# (the `rows` of tyr.search.fitness._full_logits; tests/test_plan.py holds the two equal).
+HEAD_ROWS = 32768
 RUNTIME_OVERHEAD_BYTES = 1_000_000_000  # Python, torch and transformers, resident
 SAFETENSORS_HEADER_BYTES = 256  # JSON header of one candidate file, approximately
 
@@ -329,17 +335,21 @@ def peak_ram(
     supernet: int,
     offload: str = "cpu",
     eval_offload: str = "cpu",
+    weights: str = "disk",
+    sparsity: float = 0.5,
 ) -> tuple[int, str]:
     """(bytes, phase) of the largest host-memory phase, block activations in memory (`offload`
     cpu) or in the work directory but for one batch (disk); `eval_offload` likewise for the
     held-out perplexity's.
 
-    `--method tyr` holds the model; `--method uniform` reads one block at a time from a local
-    safetensors checkpoint (tyr.stream.lazy) and keeps the MLP's intermediate activations on disk."""
+    `weights` (resolved `--weights`): `memory` holds the model; `disk` reads one block at a time
+    from a local safetensors checkpoint (tyr.stream.lazy; the embedding mapped, read by rows),
+    and the search then holds its pruned student, one dense block and the LM head (the teacher's
+    logits read all of it). `--method uniform` keeps the MLP's intermediate activations on disk."""
     shape = dims.shape
-    weights = dims.total * dtype_bytes
-    if method != "tyr":
-        weights = dims.block // shape.n_layers * dtype_bytes  # one block (embeddings: mapped)
+    streamed = weights == "disk"
+    block = dims.block // shape.n_layers * dtype_bytes
+    resident = block if streamed else dims.total * dtype_bytes
     held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
     batch = settings.batch_size * settings.seq_len
     tokens = settings.calib_tokens if offload == "cpu" else batch
@@ -349,16 +359,24 @@ def peak_ram(
     # fp32 Gram and fp64 H_d⁻¹, plus (tyr) the working copy of each level's solve; W, G, Ŵ in fp64
     solver = n_in**2 * (4 + 8 + (8 if method == "tyr" else 0)) + 3 * n_in * shape.hidden * 8
     phases = {
-        "prune": weights + calib_acts + mlp_inputs + solver + held,
-        "eval": weights
+        "prune": resident + calib_acts + mlp_inputs + solver + held,
+        "eval": resident
         + (settings.eval_tokens if eval_offload == "cpu" else batch) * shape.hidden * dtype_bytes * 2
         + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
-        # the dense teacher, the live student copy, and the largest stage's teacher top-k
+        # the dense teacher, the live student, the largest stage's teacher top-k, and one
+        # sequence's fp32 logits over the vocabulary (the teacher's, before its top-k)
         stage = min(max(settings.stage_tokens), settings.calib_tokens)
         minibatch = stage * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES
-        phases["search"] = 2 * weights + held + minibatch
+        logits = settings.seq_len * dims.vocab * 4
+        if streamed:  # the student shares the mapped embedding and LM head with the teacher
+            student = pruned_block(dims, sparsity) * dtype_bytes
+            head_chunk = 0 if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab) * shape.hidden * 4
+            teacher = block + dims.head * dtype_bytes + head_chunk
+        else:
+            student, teacher = resident, resident
+        phases["search"] = student + teacher + held + minibatch + logits
     phase = max(phases, key=lambda k: phases[k])
     return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase
 
@@ -416,6 +434,7 @@ def estimate(
     teacher_cache: str = "auto",
     offload: str = "auto",
     memory_budget: float | None = None,
+    weights: str = "auto",
 ) -> dict[str, Any]:
     """Estimates for pruning `model` (None = the embedded default, a directory holding
     config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
@@ -432,6 +451,7 @@ def estimate(
         teacher_cache=teacher_cache,
         offload=offload,
         memory_budget=memory_budget,
+        weights=weights,
     )
     config, name = load_config(model)
     dims = dims_of(config)
@@ -458,7 +478,8 @@ def estimate(
     where = offload_mode(offload, acts, budget)
     eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
     eval_where = offload_mode(offload, eval_acts, budget)
-    ram, phase = peak_ram(dims, settings, method, b, supernet, where, eval_where)
+    weights_at = weights_mode(weights, method, dims.total * b, budget)
+    ram, phase = peak_ram(dims, settings, method, b, supernet, where, eval_where, weights_at, S)
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
     return {
@@ -506,6 +527,7 @@ def estimate(
         "teacher_cache_bytes": teacher,
         "offload": where,
         "eval_offload": eval_where,
+        "weights": weights_at,
         "activation_bytes": acts,
         "peak_ram_bytes": ram,
         "peak_ram_phase": phase,
@@ -564,7 +586,8 @@ def format_plan(est: dict[str, Any]) -> str:
             (f"work directory ({st['iterations']} iterations)", fmt_bytes(est["workdir_bytes"])),
         ]
     where = "in memory" if est["offload"] == "cpu" else "on disk"
-    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations {where})"
+    blocks = "whole" if est["weights"] == "memory" else "block by block"
+    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations {where}, weights {blocks})"
     costs.append((ram, fmt_bytes(est["peak_ram_bytes"])))
     if tyr:
         costs += [

@@ -25,7 +25,7 @@ from tyr.arch import ArchSpec, Shape
 from tyr.budget import Gene, layout
 from tyr.infra import atomic_json, atomic_write, dist
 from tyr.search.space import Genome
-from tyr.stream import Prefix
+from tyr.stream import LazyModel, Prefix, resident
 from tyr.supernet import Candidate, Store
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,12 @@ class TeacherCache:
 
 class LiveModel:
     """A copy of the dense model whose sub-layers are the supernet candidates of a genome,
-    physically sliced; applying a genome reloads only the sub-layers whose level changed."""
+    physically sliced; applying a genome reloads only the sub-layers whose level changed.
+
+    With `lazy` (the dense blocks on disk, :mod:`tyr.stream.lazy`) the copy shares the dense
+    model's tensors outside the blocks (embedding, final norm, LM head: never pruned) and gets
+    each block the first time a genome sets it, read from disk and sliced at once, so that host
+    memory holds the pruned student and one dense block, not the dense model."""
 
     def __init__(
         self,
@@ -134,18 +139,27 @@ class LiveModel:
         store: Store,
         device: str = "cpu",
         stream: bool | None = None,
+        lazy: LazyModel | None = None,
     ) -> None:
         from tyr.modeling import set_attention, set_mlp
 
         self._set_attention, self._set_mlp = set_attention, set_mlp
         self.dense, self.spec, self.shape, self.genes, self.store = dense, spec, shape, tuple(genes), store
         self.by_level = {g: {c.level: c for c in candidates[g]} for g in self.genes}
+        self.lazy = lazy
         # The student lives on `device` when it fits there; otherwise (stream) it stays in host
         # memory and each forward moves one block at a time to the device. The dense teacher
-        # stays where it is.
-        self.stream = _too_big(dense, device) if stream is None else stream
+        # stays where it is. A student sharing a lazy model's tensors stays in host memory.
+        self.stream = (lazy is not None or _too_big(dense, device)) if stream is None else stream
         self.device = device
-        self.model = copy.deepcopy(dense).eval()
+        if lazy is None:
+            self.model = copy.deepcopy(dense).eval()
+        else:
+            blocks = {
+                id(t) for layer in arch.layers(dense, spec) for t in layer.state_dict(keep_vars=True).values()
+            }
+            outside = [t for t in (*dense.parameters(), *dense.buffers()) if id(t) not in blocks]
+            self.model = copy.deepcopy(dense, memo={id(t): t for t in outside}).eval()  # blocks: meta
         if not self.stream:
             self.model.to(device)
         self.loaded: dict[Gene, int] = {}
@@ -153,25 +167,36 @@ class LiveModel:
 
     def apply(self, genome: Genome) -> nn.Module:
         dense_layers, live_layers = arch.layers(self.dense, self.spec), arch.layers(self.model, self.spec)
+        changed: dict[int, list[tuple[Gene, int]]] = {}
         for gene, level in zip(self.genes, genome, strict=True):
-            if self.loaded.get(gene) == level:
-                continue
-            cand = self.by_level[gene][level]
-            weight = self.store.weight(cand)
-            b = gene.block
-            if gene.kind == "attn":
-                heads = layout(cand.kept, self.shape.n_q, self.shape.n_kv)
-                dense_parts = arch.attention_parts(dense_layers[b], self.spec)
-                self._set_attention(live_layers[b], self.spec, self.shape, b, dense_parts, heads, weight)
-            else:
-                self._set_mlp(
-                    live_layers[b], self.spec, arch.mlp_parts(dense_layers[b], self.spec), cand.kept, weight
-                )
+            if self.loaded.get(gene) != level:
+                changed.setdefault(gene.block, []).append((gene, level))
+        for b, genes in changed.items():
+            with resident(dense_layers[b], self.lazy):
+                if self.lazy is not None and gene_block_unread(live_layers[b]):
+                    live_layers[b] = copy.deepcopy(dense_layers[b])  # sliced below, before the next
+                for gene, level in genes:
+                    self._set(gene, level, dense_layers[b], live_layers[b])
             if self.device != "cpu" and not self.stream:
                 live_layers[b].to(self.device)
-            self.loaded[gene] = level
-            self.reloads += 1
         return self.model
+
+    def _set(self, gene: Gene, level: int, dense: nn.Module, live: nn.Module) -> None:
+        cand = self.by_level[gene][level]
+        weight = self.store.weight(cand)
+        if gene.kind == "attn":
+            heads = layout(cand.kept, self.shape.n_q, self.shape.n_kv)
+            parts = arch.attention_parts(dense, self.spec)
+            self._set_attention(live, self.spec, self.shape, gene.block, parts, heads, weight)
+        else:
+            self._set_mlp(live, self.spec, arch.mlp_parts(dense, self.spec), cand.kept, weight)
+        self.loaded[gene] = level
+        self.reloads += 1
+
+
+def gene_block_unread(layer: nn.Module) -> bool:
+    """Whether a student block still has the meta tensors of a lazy model's copy."""
+    return any(t.is_meta for t in layer.state_dict().values())
 
 
 def _too_big(model: nn.Module, device: str) -> bool:
@@ -189,14 +214,14 @@ def head_logits(model: nn.Module, spec: ArchSpec, h: Tensor, t_idx: Tensor, chun
     position chunks (§7.5)."""
     head = arch.get_module(model, spec.lm_head)
     h = h.to(head.weight.device).float()
-    W = head.weight.float()  # [V, d]
+    W = head.weight  # [V, d]; only the rows used are converted to fp32
     idx = t_idx.to(h.device).long()
     parts = []
     for s in range(0, h.shape[1], chunk):
         i = idx[:, s : s + chunk]  # [B, c, k]
         # index_select, not W[i]: its backward (index_add) is deterministic on the CPU, where an
         # advanced index's (an accumulating index_put) is not, and healing must repeat its bytes
-        rows = W.index_select(0, i.flatten()).view(*i.shape, -1)
+        rows = W.index_select(0, i.flatten()).float().view(*i.shape, -1)
         z = torch.einsum("bcd,bckd->bck", h[:, s : s + chunk], rows)
         if head.bias is not None:
             z = z + head.bias.float().index_select(0, i.flatten()).view(i.shape)
@@ -210,15 +235,20 @@ def _softcap(model: nn.Module, z: Tensor) -> Tensor:
     return z if cap is None else torch.tanh(z / cap) * cap
 
 
-def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256) -> Tensor:
+def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256, rows: int = 32768) -> Tensor:
     """Logits of final hidden states `h` [B, T, d] over the whole vocabulary, [B, T, V] fp32,
-    with the arithmetic of :func:`head_logits`, in position chunks."""
+    with the arithmetic of :func:`head_logits`, in position chunks. An LM head in another dtype
+    is converted `rows` vocabulary rows at a time, never whole."""
     head = arch.get_module(model, spec.lm_head)
-    W = head.weight.float()
+    W = head.weight
     h = h.to(W.device).float()
     parts = []
     for s in range(0, h.shape[1], chunk):
-        z = h[:, s : s + chunk] @ W.T
+        x = h[:, s : s + chunk]
+        if W.dtype == torch.float32:
+            z = x @ W.T
+        else:
+            z = torch.cat([x @ W[r : r + rows].float().T for r in range(0, W.shape[0], rows)], dim=-1)
         parts.append(z if head.bias is None else z + head.bias.float())
     return _softcap(model, torch.cat(parts, dim=1))
 
@@ -275,7 +305,8 @@ class KLFitness:
         (docs/algorithm.md §11.12)."""
         live = self.live
         with torch.inference_mode():
-            h = Prefix(live.dense, live.spec, self.calib[list(rows)], live.device).final(live.dense)
+            ids = self.calib[list(rows)]
+            h = Prefix(live.dense, live.spec, ids, live.device, live.lazy).final(live.dense)
             return _full_logits(live.dense, live.spec, h)
 
     def minibatch(self, tokens: int) -> tuple[list[int], int]:

@@ -27,7 +27,15 @@ from tyr.errors import UserError
 from tyr.infra import atomic_json, atomic_write, dist, sha256_file
 from tyr.local import DAMP, GQA_MODES, SALIENCIES, SCHEDULES, make_problem, prune_attention, solve_problem
 from tyr.modeling import compact_cols, expand_cols
-from tyr.stream import BlockInputs, collect_gram, forward_block, on_device, propagate_mlp, to_device
+from tyr.stream import (
+    BlockInputs,
+    LazyModel,
+    collect_gram,
+    forward_block,
+    on_device,
+    propagate_mlp,
+    to_device,
+)
 
 __all__ = [
     "ACCUMULATIONS",
@@ -237,10 +245,11 @@ def build(
     opt: SupernetOptions,
     device: str = "cpu",
     desc: str = "supernet",
+    lazy: LazyModel | None = None,
 ) -> dict[Gene, list[Candidate]]:
     """Solve (or load) every sub-layer's candidates, block by block; each block is calibrated on
     inputs propagated through the previous blocks' W_prop (§5.4). The model's weights are left
-    dense; `inputs` are consumed."""
+    dense (a lazy model's block is read from disk and dropped again); `inputs` are consumed."""
     out: dict[Gene, list[Candidate]] = {}
     # Dense activations of the first chunk (rank 0 holds it), for the §6.5 check.
     probe = inputs.hidden[0].clone() if dist.is_main() else None
@@ -248,7 +257,7 @@ def build(
     attn_total, mlp_total = shape.attn_params(shape.n_q, shape.n_kv), shape.mlp_params(shape.intermediate)
     with tqdm(total=len(blocks), desc=desc, unit="block") as bar:
         for b, layer in enumerate(blocks):
-            with on_device(layer, device):
+            with on_device(layer, device, lazy):
                 a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)
                 dense_o, dense_down = a.o.weight.detach().clone(), m.down.weight.detach().clone()
                 if probe is not None:

@@ -15,6 +15,11 @@ Parts (each can be skipped; a key that was not measured is null and listed in `n
 - `1b`: a random-weight Llama of the Llama-3.2-1B shape stored as bf16 safetensors, pruned by
   50 % with `--method uniform --calib-tokens 16384` (`peak_rss_ratio`: peak RSS of that run over
   the model's fp32 size), and (part `speed_1b`) the same speed keys as `speed` with suffix `_1b`.
+- `1b_tyr`: the same checkpoint pruned by 50 % with `--method tyr --dtype bfloat16 --weights
+  disk` at a small budget (TYR_1B below: 1 iteration of 3 levels, 2 generations):
+  `peak_rss_ratio_tyr` over the fp32 size, beside `tyr plan`'s estimates for that run
+  (`plan_ram_ratio_tyr`: the plan's peak RAM over the measured peak; `plan_disk_ratio_tyr`: its
+  work directory over the measured one, taken at the end of the search).
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ KEYS = (
     "prefill_speedup", "prefill_ideal", "decode_speedup", "decode_ideal",
     "prefill_speedup_1b", "prefill_ideal_1b", "decode_speedup_1b", "decode_ideal_1b",
     "dense_modeling_overhead", "peak_rss_ratio", "end_to_end_s",
+    "peak_rss_ratio_tyr", "plan_ram_ratio_tyr", "plan_disk_ratio_tyr",
 )  # fmt: skip
+# The 1B search at a small budget: every phase (supernet, teacher, student, export) at its
+# real width, few candidates and genomes.
+TYR_1B: dict[str, Any] = {
+    "calib_tokens": 1024, "seq_len": 512, "batch_size": 2, "iterations": 1, "generations": 2,
+    "offspring": 4, "stage_tokens": "512,1024", "survivors": "2,1", "levels": 3, "kl_topk": 64,
+}  # fmt: skip
 LLAMA_1B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
     "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
@@ -242,13 +254,51 @@ def random_llama_1b(dest: Path) -> int:
     return arch.count_total_params(model) * 4
 
 
+def fp32_bytes(src: Path) -> int:
+    from transformers import AutoConfig
+
+    return dims_of(AutoConfig.from_pretrained(src)).total * 4
+
+
+def tyr_1b(src: Path, fp32: int, root: Path) -> dict[str, Any]:
+    """`--method tyr` on the 1B checkpoint with its weights on disk: peak RSS and the work
+    directory, beside `tyr plan`'s estimates of the same run."""
+    from tyr.report import estimate
+
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in TYR_1B.items()]
+    common = ["--sparsity", "0.5", "--method", "tyr", "--dtype", "bfloat16", "--weights", "disk"]
+    work = root / "w1b_tyr"
+    result, wall, peak = prune([str(src), *common, *sizes, "--no-eval"], root / "p1b_tyr", work)
+    disk = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+    est = estimate(
+        str(src), 0.5, method="tyr", dtype="bfloat16", weights="disk", sizes=dict(TYR_1B), no_eval=True
+    )
+    return {
+        "args": common + sizes + ["--no-eval"],
+        "fp32_bytes": fp32,
+        "peak_rss_bytes": peak,
+        "peak_rss_ratio_tyr": peak / fp32,
+        "workdir_bytes": disk,
+        "plan_peak_ram_bytes": est["peak_ram_bytes"],
+        "plan_peak_ram_phase": est["peak_ram_phase"],
+        "plan_workdir_bytes": est["workdir_bytes"],
+        "plan_ram_ratio_tyr": est["peak_ram_bytes"] / peak,
+        "plan_disk_ratio_tyr": est["workdir_bytes"] / disk,
+        "prune_s": round(wall, 1),
+        "timings": result["timings"],
+        "sparsity_achieved": result["sparsity_achieved"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="small-cpu", choices=["small-cpu"])
     ap.add_argument("--json", help="write the result here")
     ap.add_argument("--run", help="a finished `tyr prune --sparsity 0.5` output directory to reuse")
     ap.add_argument("--workdir", help="its work directory (for supernet_disk_ratio)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: e2e, speed, 1b, speed_1b")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: e2e, speed, 1b, speed_1b, 1b_tyr"
+    )
     ap.add_argument("--root", help="where runs go (default: a temporary directory, removed after)")
     ap.add_argument(
         "--merge", help="an earlier tyr.bench/1 JSON whose keys fill those this run skips (named in `merged`)"
@@ -296,6 +346,13 @@ def main() -> None:
             pair = speed_pair(str(src), str(root / "p1b"))
             found.update({f"{k}_1b": v for k, v in pair.items() if k in KEYS})
             detail["speed_1b"] = pair
+
+    if "1b_tyr" not in skip:
+        src = root / "llama-1b"
+        fp32 = random_llama_1b(src) if not (src / "config.json").is_file() else fp32_bytes(src)
+        detail["1b_tyr"] = tyr_1b(src, fp32, root)
+        for key in ("peak_rss_ratio_tyr", "plan_ram_ratio_tyr", "plan_disk_ratio_tyr"):
+            found[key] = detail["1b_tyr"][key]
 
     merged: list[str] = []
     if ns.merge:

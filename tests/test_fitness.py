@@ -88,9 +88,10 @@ def test_teacher_cache_fills_lazily_and_persists(tmp_path):
     logits = torch.randn(5, 6, 30)
     asked: list[list[int]] = []
 
-    def teacher(rows):
-        asked.append(list(rows))
-        return logits[rows]
+    def teacher(row, k):
+        asked.append([row])
+        top = logits[row].topk(k, -1)
+        return top.values, top.indices
 
     cache = TeacherCache(tmp_path, 5, 6, 4)
     v, i = cache.get([3, 1], teacher)
@@ -205,3 +206,21 @@ def test_reused_parent_activations_change_no_score(tmp_path, family, stream):
                 kl, c = topk_kl(logits, vals[r : r + 1, :n], idx[r : r + 1, :n])
                 total, count = total + kl, count + c
         assert abs(score - total / count) < 1e-5 * max(1.0, score)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: soft-capped logits
+def test_teacher_topk_of_a_bf16_head_merges_slices_of_the_vocabulary(monkeypatch, family):
+    """A bfloat16 LM head is converted a slice of rows at a time and each slice's top-k merged:
+    the top-k of the whole fp32 logits, with slices that do not divide the vocabulary."""
+    from tyr.search import fitness as fit
+
+    model = tiny_model(family).to(torch.bfloat16)
+    spec = arch.spec_for(model)
+    h = torch.randn(2, 5, model.config.hidden_size)
+    head = arch.get_module(model, spec.lm_head)
+    full = fit._softcap(model, h @ head.weight.float().T)
+    want = full.topk(6, dim=-1)
+    monkeypatch.setattr(fit, "HEAD_ROWS", 7)  # VOCAB is not a multiple of 7
+    vals, idx = fit._topk_logits(model, spec, h, 6)
+    assert torch.equal(idx, want.indices)
+    assert torch.allclose(vals, want.values, rtol=0, atol=1e-5)

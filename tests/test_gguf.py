@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import calib_ids, tiny_model
+from conftest import calib_ids, tiny_model, tiny_tokenizer
 
 from tyr import arch
 from tyr.budget import layout
@@ -229,3 +229,29 @@ def test_prune_writes_the_gguf_in_the_same_command(tiny_dir, calib_txt, tmp_path
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tyr: error")]
     assert len(errors) == 3 and "cannot be written as GGUF" in errors[2]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("unit", [1, 32])
+def test_an_ffn_unit_of_32_quantizes_every_ffn_tensor(tmp_path, calib_txt, unit):
+    """Widths of 32·k keep every ffn_down (input width: the kept FFN) in Q8_0; the default grain
+    leaves widths that Q8_0's 32-wide blocks do not divide in F16."""
+    from tyr.cli import main
+
+    d = tmp_path / "ckpt"
+    tiny_model("llama", hidden=64, head_dim=32, n_q=4, n_kv=2, intermediate=128).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    out = tmp_path / "pruned"
+    argv = [
+        "prune", str(d), "--sparsity", "0.4", "--method", "uniform", "--out", str(out), "--no-eval",
+        "--calib", str(calib_txt), "--calib-tokens", "512", "--seq-len", "32", "--ffn-unit", str(unit),
+        "--gguf", str(tmp_path / "q.gguf"), "--gguf-quant", "q8_0",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    import gguf
+
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    kinds = {t.name: t.tensor_type for t in reader.tensors if "ffn_down" in t.name}
+    quantized = [kind == gguf.GGMLQuantizationType.Q8_0 for kind in kinds.values()]
+    assert len(kinds) == 3 and all(quantized) == (unit == 32) and any(quantized) == (unit == 32)
+    listed = reader.fields.get("tyr.gguf.unquantized")  # absent when every tensor quantizes
+    assert (listed is None or "ffn_down" not in listed.contents()) == (unit == 32)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, calib_ids, tiny_model, tiny_text, tiny_tokenizer
+from conftest import FAMILIES, calib_ids, tiny_config, tiny_model, tiny_text, tiny_tokenizer
 from safetensors.torch import load_file
 
 import tyr
@@ -184,3 +184,20 @@ def test_lazy_student_shares_the_embedding_and_holds_only_sliced_blocks(tmp_path
     assert sum(p.numel() for p in arch.layers(students[1]).parameters()) < arch.count_block_params(
         eager, spec
     )
+
+
+def test_weights_disk_a_checkpoint_cannot_stream_is_a_clear_error(tmp_path):
+    """Phi-3's fused projections are split on loading, so its blocks load whole."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "phi3"
+    AutoModelForCausalLM.from_config(tiny_config("phi3")).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(2000))
+    with pytest.raises(tyr.UserError, match="cannot be read block by block"):
+        tyr.prune(
+            str(d), sparsity=0.5, out=tmp_path / "o", calib=str(text), calib_tokens=96, seq_len=24,
+            no_eval=True, weights="disk", workdir=str(tmp_path / "w"),
+        )  # fmt: skip
+    assert not (tmp_path / "o").exists()

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from tyr.budget import Gene, ffn_step_floor, level_range, step_units
+from tyr.budget import Gene, Shape, ffn_step_floor, initial_centres, level_range, step_units, steps
 from tyr.search import Space, evolve, mutate, offspring
 
 
@@ -24,6 +24,21 @@ def test_steps_and_floors_match_the_spec_examples():
     assert ffn_step_floor(14336) == 32 and ffn_step_floor(1536) == 24
     assert [step_units(1536, t, ffn_step_floor(1536)) for t in (1, 2, 3, 4)] == [192, 96, 48, 24]
     assert step_units(9, 1, 1, Fraction(1, 8)) == 1
+
+
+def test_an_ffn_unit_keeps_every_ffn_count_a_multiple_of_it():
+    """--ffn-unit 32 on the SmolLM2 shape: centres, totals and steps in whole grains of 32; the
+    default grain of 1 gives the spec's steps."""
+    shape = Shape(576, 30, 9, 3, 64, 1536, False, False, False, False, False, ffn_unit=32)
+    for sparsity in (0.25, 0.37, 0.5):
+        centres = initial_centres(shape, sparsity)["mlp"]
+        assert all(c % 32 == 0 for c in centres) and max(centres) - min(centres) <= 32
+        assert abs(sum(centres) - sparsity * 1536 * 30) <= 16  # one rounding of the total
+    assert initial_centres(shape, 0.5)["mlp"] == [768] * 30
+    assert [steps(shape, t)["mlp"] for t in (1, 2, 3, 4)] == [192, 96, 64, 32]
+    one = Shape(576, 30, 9, 3, 64, 1536, False, False, False, False, False)
+    assert [steps(one, t)["mlp"] for t in (1, 2, 3, 4)] == [192, 96, 48, 24]
+    assert initial_centres(one, 0.37) != initial_centres(shape, 0.37)
 
 
 def test_level_ranges():

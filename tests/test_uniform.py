@@ -8,8 +8,9 @@ import itertools
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_model, tiny_text, tiny_tokenizer
 
+import tyr
 from tyr import arch
 from tyr.budget import attn_removed, initial_centres, structures
 from tyr.eval import perplexity
@@ -146,3 +147,31 @@ def test_rerunning_the_block_equals_the_residual_shortcut():
     (p1, h1), (p2, h2) = runs
     assert (h1 - h2).abs().max() <= 1e-4 * h1.abs().max(), (h1 - h2).abs().max()
     assert all(a is not None and b is not None and a.heads == b.heads for a, b in zip(p1, p2, strict=True))
+
+
+@pytest.mark.parametrize("method", ["uniform", "tyr"])
+def test_ffn_unit_gives_ffn_widths_in_its_multiples(tmp_path, method):
+    d = tmp_path / "ckpt"
+    tiny_model("llama", intermediate=48).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(3000))
+    common = dict(calib=str(text), calib_tokens=384, seq_len=24, no_eval=True, batch_size=4)
+    common.update(method=method)
+    if method == "tyr":
+        common.update(iterations=2, generations=2, offspring=4, stage_tokens="48,96", survivors="2,1")
+    res = tyr.prune(
+        str(d), sparsity=0.4, out=tmp_path / "o", ffn_unit=8, levels=3, workdir=str(tmp_path / "w"), **common
+    )
+    widths = [row["intermediate"] for row in res.data["layers"]]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) == 3 * 48 - 8 * round(0.4 * 6 * 3)
+    with pytest.raises(tyr.UserError, match="does not divide"):
+        tyr.prune(
+            str(d),
+            sparsity=0.4,
+            out=tmp_path / "o2",
+            ffn_unit=7,
+            levels=3,
+            workdir=str(tmp_path / "w2"),
+            **common,
+        )

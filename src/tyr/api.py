@@ -21,6 +21,7 @@ from tyr.config import (
     PruneConfig,
     Sizes,
     activation_bytes,
+    check_ffn_unit,
     check_keys,
     offload_mode,
     resolve_preset,
@@ -201,7 +202,7 @@ def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path,
     calib, heldout = _data(run, asked)
     t = clock.add("calibration", t)
     model, lazy = _weights(run, workdir)
-    shape = arch.shape_of(model, spec)
+    shape = replace(arch.shape_of(model, spec), ffn_unit=cfg.ffn_unit)
     dense_block, dense_total = arch.count_block_params(model, spec), arch.count_total_params(model)
     if dist.is_main():
         check_options(workdir, asked.work_options(), record=True)
@@ -274,6 +275,7 @@ def _open(asked: PruneConfig) -> _Opened:
     opened = open_model(asked.model, trust_remote_code=asked.trust_remote_code)
     cfg, preset, sizes = resolve_preset(asked, opened.param_count())
     widths = read_genome(cfg.genome, opened.config, cfg.gqa) if cfg.genome and cfg.method == "tyr" else None
+    check_ffn_unit(cfg.ffn_unit, int(opened.config.intermediate_size))
     seq_len = min(sizes.seq_len, int(getattr(opened.config, "max_position_embeddings", sizes.seq_len)))
     if seq_len < sizes.seq_len and asked.seq_len is not None:
         raise UserError(
@@ -309,7 +311,8 @@ def _weights(run: _Opened, workdir: Path) -> tuple[nn.Module, LazyModel | None]:
     spill = _spill_dir(workdir)
     shutil.rmtree(spill, ignore_errors=True)  # what a killed run left
     weight_bytes = run.opened.param_count() * DTYPE_BYTES[cfg.dtype]
-    mode = weights_mode(cfg.weights, cfg.method, weight_bytes, memory_budget_bytes(cfg.memory_budget))
+    budget = memory_budget_bytes(cfg.memory_budget)
+    mode = weights_mode(cfg.weights, cfg.method, weight_bytes, budget, cfg.sparsity)
     lazy = None
     if mode == "disk" and (cfg.method == "tyr" or dist.is_main()):
         lazy = load_lazy(run.opened, getattr(torch, cfg.dtype), spill)

@@ -6,7 +6,9 @@ This module is the one home of that rule. The supernet, the search, `--method un
 rational arithmetic on a model's :class:`Shape`; it imports neither torch nor anything else of
 tyr.
 
-Units: an FFN unit is one intermediate neuron. An attention unit is 2·d·d_h real parameters:
+Units: an FFN unit is one intermediate neuron; FFN counts (totals, centres, steps) are whole
+multiples of the shape's FFN grain (`--ffn-unit`, 1 by default; 32 keeps every FFN width a
+multiple of the quantization block of GGUF's Q8_0/Q4_0). An attention unit is 2·d·d_h real parameters:
 removing a query head frees one (its q_proj rows and o_proj columns), emptying a KV group frees
 one more (its k_proj and v_proj rows). An attention sub-layer has n_q + n_kv units, and a kept
 structure (q query heads over v KV heads) removes (n_q − q) + (n_kv − v) of them. Targets,
@@ -73,6 +75,7 @@ class Shape:
     o_bias: bool
     mlp_bias: bool  # gate/up biases
     down_bias: bool
+    ffn_unit: int = 1  # FFN counts are multiples of this many neurons (--ffn-unit)
 
     @property
     def group(self) -> int:
@@ -200,16 +203,24 @@ def allot(total: int, slots: int, feasible: Sequence[int]) -> list[int]:
 
 
 def type_totals(shape: Shape, sparsity: float) -> dict[str, int]:
-    """U per kind: round_half_up(S·n·L) units removed over all blocks, in exact rationals (§2.4)."""
-    S, L = Fraction(str(sparsity)), shape.n_layers
-    return {kind: round_half_up(S * shape.units(kind) * L) for kind in KINDS}
+    """U per kind: round_half_up(S·n·L) units removed over all blocks, in exact rationals (§2.4);
+    the FFN's counted in grains of `shape.ffn_unit` neurons (returned in neurons)."""
+    S, L, g = Fraction(str(sparsity)), shape.n_layers, shape.ffn_unit
+    return {
+        "attn": round_half_up(S * shape.units("attn") * L),
+        "mlp": g * round_half_up(S * Fraction(shape.intermediate, g) * L),
+    }
 
 
 def initial_centres(shape: Shape, sparsity: float, mode: str = GQA_MODES[0]) -> dict[str, list[int]]:
     """Units removed per block at the start of iteration 1, and by `--method uniform`: each
-    kind's U spread evenly, attention over the counts that a structure of `mode` removes."""
-    totals, L = type_totals(shape, sparsity), shape.n_layers
-    return {"attn": allot(totals["attn"], L, list(structures(shape, mode))), "mlp": spread(totals["mlp"], L)}
+    kind's U spread evenly, attention over the counts that a structure of `mode` removes, the
+    FFN's in whole grains."""
+    totals, L, g = type_totals(shape, sparsity), shape.n_layers, shape.ffn_unit
+    return {
+        "attn": allot(totals["attn"], L, list(structures(shape, mode))),
+        "mlp": [g * x for x in spread(totals["mlp"] // g, L)],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +245,13 @@ def attn_grain(shape: Shape) -> int:
 
 def steps(shape: Shape, iteration: int) -> dict[str, int]:
     """Each kind's level step in iteration `iteration`, in units; an attention step is a whole
-    number of grains (under MHA: the paper's steps in heads, §5.2)."""
-    grain = attn_grain(shape)
+    number of grains (under MHA: the paper's steps in heads, §5.2), an FFN step a whole number
+    of `shape.ffn_unit` neurons."""
+    grain, g = attn_grain(shape), shape.ffn_unit
+    floor = -(-ffn_step_floor(shape.intermediate) // g)  # in FFN grains
     return {
         "attn": grain * step_units(shape.units("attn") // grain, iteration, 1),
-        "mlp": step_units(shape.intermediate, iteration, ffn_step_floor(shape.intermediate)),
+        "mlp": g * step_units(shape.intermediate // g, iteration, floor),
     }
 
 

@@ -109,6 +109,15 @@ def _plan_parser(sub: Any) -> None:
         "--memory-budget", type=float, help="as tyr prune's: GB of host memory for activations and weights"
     )
     p.add_argument("--weights", default="auto", choices=WEIGHTS, help="as tyr prune's (default auto)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a size as tyr prune takes it (calib_tokens, seq_len, iterations, levels, ...); repeatable",
+    )
+    p.add_argument("--no-eval", action="store_true", help="as tyr prune's: no perplexities")
+    p.add_argument("--ffn-unit", type=int, default=1, help="as tyr prune's (default 1)")
     p.add_argument("--json", help="also write the estimates as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -241,6 +250,9 @@ def _plan(ns: argparse.Namespace) -> int:
         offload=ns.offload,
         memory_budget=ns.memory_budget,
         weights=ns.weights,
+        sizes=parse_set(ns.set),
+        no_eval=ns.no_eval,
+        ffn_unit=ns.ffn_unit,
     )
     print(format_plan(est))
     if ns.json:

@@ -26,6 +26,7 @@ __all__ = [
     "TEACHER_CACHES",
     "TEACHER_ENTRY_BYTES",
     "teacher_cache_mode",
+    "check_ffn_unit",
     "WEIGHTS",
     "weights_mode",
     "HEAL_MODES",
@@ -106,13 +107,17 @@ OFFLOADS = ("auto", "cpu", "disk")
 # Where the dense weights live during the prune: `disk` reads one decoder block at a time from
 # a local safetensors checkpoint (the search then holds only its pruned student in memory),
 # `memory` loads the model whole. `auto`: disk for `uniform` (it reads each block once), and for
-# `tyr` when the weights take more than the memory budget (the search re-reads a dense block
-# whenever a genome changes it). A checkpoint that cannot be read block by block loads whole.
+# `tyr` when the model and its pruned student take more than the memory budget (the search
+# re-reads a dense block whenever a genome changes it). A checkpoint that cannot be read block
+# by block loads whole.
 WEIGHTS = ("auto", "memory", "disk")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # Options of how a run keeps its data, not of what it computes: the result is the same, so
 # they are no part of its identity and a work directory resumes under any of them.
 NEUTRAL_KEYS = ("teacher_cache", "offload", "memory_budget", "weights")
+# Options added later, left out of a run's identity and work options at their default so that
+# earlier runs keep theirs (and their work directories resume).
+LATER_DEFAULTS: dict[str, Any] = {"ffn_unit": 1}
 # Options of what follows the prune (healing, a GGUF copy): they change neither the pruned model
 # nor its work files.
 HEAL_KEYS = ("heal", "heal_out", "gguf", "gguf_quant")
@@ -135,11 +140,22 @@ def offload_mode(requested: str, needed: int, budget: int) -> str:
     return "cpu" if needed <= budget else "disk"
 
 
-def weights_mode(requested: str, method: str, weight_bytes: int, budget: int) -> str:
-    """`memory` or `disk`: what `auto` means for a model of `weight_bytes` under `budget`."""
+def weights_mode(requested: str, method: str, weight_bytes: int, budget: int, sparsity: float) -> str:
+    """`memory` or `disk`: what `auto` means for a model of `weight_bytes` under `budget`: disk
+    for `uniform`; for `tyr` when the model and its pruned student, (2 − S) × the weights,
+    exceed the budget."""
     if requested != "auto":
         return requested
-    return "disk" if method == "uniform" or weight_bytes > budget else "memory"
+    return "disk" if method == "uniform" or weight_bytes * (2 - sparsity) > budget else "memory"
+
+
+def check_ffn_unit(unit: int, d_ff: int) -> None:
+    """`--ffn-unit` must divide the model's FFN width, so that every width it allows is whole."""
+    if d_ff % unit:
+        raise UserError(
+            f"--ffn-unit {unit} does not divide the model's FFN width {d_ff}",
+            "give a divisor of it (1 always works)",
+        )
 
 
 def teacher_cache_mode(requested: str, calib_tokens: int, k: int) -> str:
@@ -212,6 +228,13 @@ class PruneConfig:
         default=None,
         metadata=_meta("apply a per-sub-layer genome (JSON or a tyr result.json) without searching"),
     )
+    ffn_unit: int = field(
+        default=1,
+        metadata=_meta(
+            "FFN widths change in multiples of this many neurons (32: every FFN tensor of a"
+            " GGUF Q8_0/Q4_0 export quantizes)"
+        ),
+    )
     saliency: str = field(default=SALIENCIES[0], metadata=_meta("group saliency", SALIENCIES))
     schedule: str = field(default=SCHEDULES[0], metadata=_meta("FFN removal schedule", SCHEDULES))
     gqa: str = field(default=GQA_MODES[0], metadata=_meta("GQA head structure", GQA_MODES))
@@ -237,7 +260,7 @@ class PruneConfig:
         default="auto",
         metadata=_meta(
             "where the dense weights live (disk: one block at a time from safetensors; auto: disk"
-            " for uniform, and for tyr when they exceed the budget)",
+            " for uniform, and for tyr when they and the pruned copy exceed the budget)",
             WEIGHTS,
         ),
     )
@@ -306,6 +329,8 @@ class PruneConfig:
             raise UserError(
                 "stage_tokens and survivors need the same number of entries", "e.g. 512,2048 and 4,1"
             )
+        if self.ffn_unit < 1:
+            raise UserError(f"ffn_unit={self.ffn_unit} must be a positive integer", "the default is 1")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise UserError(f"memory_budget={self.memory_budget} must be positive", "give gigabytes, e.g. 32")
         if not self.damp > 0:
@@ -352,6 +377,9 @@ class PruneConfig:
 
     def _options(self, exclude: tuple[str, ...]) -> dict[str, Any]:
         keep: dict[str, Any] = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        for key, default in LATER_DEFAULTS.items():  # at its default, as before the option existed
+            if keep.get(key) == default:
+                del keep[key]
         for key in ("model", "calib", "eval_data"):
             value = keep.get(key)
             path = Path(value).expanduser() if value else None

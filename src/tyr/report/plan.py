@@ -51,7 +51,7 @@ removal rounds and refit on a Hessian of side n_in) costs :data:`LOCAL_SOLVE_FAC
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from tyr.config import (
     PruneConfig,
     Sizes,
     activation_bytes,
+    check_ffn_unit,
     offload_mode,
     resolve_preset,
     teacher_cache_mode,
@@ -107,7 +108,7 @@ FORWARD_FLOPS_PER_S_2T = 1.148e11
 LOCAL_SOLVE_FACTOR = 4.31
 
 # Vocabulary rows of an LM head in bfloat16 that the search's teacher converts to fp32 at once
-# (the `rows` of tyr.search.fitness._full_logits; tests/test_plan.py holds the two equal).
+# (tyr.search.fitness.HEAD_ROWS; tests/test_plan.py holds the two equal).
 HEAD_ROWS = 32768
 RUNTIME_OVERHEAD_BYTES = 1_000_000_000  # Python, torch and transformers, resident
 SAFETENSORS_HEADER_BYTES = 256  # JSON header of one candidate file, approximately
@@ -332,7 +333,6 @@ def peak_ram(
     settings: Sizes,
     method: str,
     dtype_bytes: int,
-    supernet: int,
     offload: str = "cpu",
     eval_offload: str = "cpu",
     weights: str = "disk",
@@ -345,38 +345,39 @@ def peak_ram(
     `weights` (resolved `--weights`): `memory` holds the model; `disk` reads one block at a time
     from a local safetensors checkpoint (tyr.stream.lazy; the embedding mapped, read by rows),
     and the search then holds its pruned student, one dense block and the LM head (the teacher's
-    logits read all of it). `--method uniform` keeps the MLP's intermediate activations on disk."""
+    logits read all of it); in memory, the model and the pruned student. `--method uniform` keeps
+    the MLP's intermediate activations on disk."""
     shape = dims.shape
     streamed = weights == "disk"
     block = dims.block // shape.n_layers * dtype_bytes
     resident = block if streamed else dims.total * dtype_bytes
-    held = supernet if method == "tyr" else 0  # candidates stay loaded from build to search
     batch = settings.batch_size * settings.seq_len
     tokens = settings.calib_tokens if offload == "cpu" else batch
     calib_acts = tokens * shape.hidden * dtype_bytes * 2  # block input and output
     mlp_inputs = tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
-    # fp32 Gram and fp64 H_d⁻¹, plus (tyr) the working copy of each level's solve; W, G, Ŵ in fp64
-    solver = n_in**2 * (4 + 8 + (8 if method == "tyr" else 0)) + 3 * n_in * shape.hidden * 8
+    # fp32 Gram and fp64 H_d⁻¹, plus (tyr, weights in memory) the working copy of each level's
+    # solve (with the weights on disk each level inverts afresh instead); W, G, Ŵ in fp64
+    copy = 8 if method == "tyr" and not streamed else 0
+    solver = n_in**2 * (4 + 8 + copy) + 3 * n_in * shape.hidden * 8
     phases = {
-        "prune": resident + calib_acts + mlp_inputs + solver + held,
+        "prune": resident + calib_acts + mlp_inputs + solver,
         "eval": resident
         + (settings.eval_tokens if eval_offload == "cpu" else batch) * shape.hidden * dtype_bytes * 2
         + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
-        # the dense teacher, the live student, the largest stage's teacher top-k, and one
-        # sequence's fp32 logits over the vocabulary (the teacher's, before its top-k)
+        # the dense teacher, the live student, the largest stage's teacher top-k, and the
+        # teacher's fp32 logits of 256 positions over the vocabulary (or over HEAD_ROWS of it)
         stage = min(max(settings.stage_tokens), settings.calib_tokens)
         minibatch = stage * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES
-        logits = settings.seq_len * dims.vocab * 4
-        if streamed:  # the student shares the mapped embedding and LM head with the teacher
-            student = pruned_block(dims, sparsity) * dtype_bytes
-            head_chunk = 0 if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab) * shape.hidden * 4
-            teacher = block + dims.head * dtype_bytes + head_chunk
-        else:
-            student, teacher = resident, resident
-        phases["search"] = student + teacher + held + minibatch + logits
+        rows = dims.vocab if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab)
+        logits = min(256, settings.seq_len) * rows * 4
+        # the student: its pruned blocks (it shares the embedding and LM head with the teacher)
+        student = pruned_block(dims, sparsity) * dtype_bytes
+        head_chunk = 0 if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab) * shape.hidden * 4
+        teacher = block + dims.head * dtype_bytes + head_chunk if streamed else resident
+        phases["search"] = student + teacher + minibatch + logits
     phase = max(phases, key=lambda k: phases[k])
     return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase
 
@@ -435,11 +436,22 @@ def estimate(
     offload: str = "auto",
     memory_budget: float | None = None,
     weights: str = "auto",
+    sizes: dict[str, Any] | None = None,
+    no_eval: bool = False,
+    ffn_unit: int = 1,
 ) -> dict[str, Any]:
     """Estimates for pruning `model` (None = the embedded default, a directory holding
     config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
-    see the module docstring for the keys. Raises UserError for bad input or an unsupported
-    family."""
+    see the module docstring for the keys. `sizes` overrides the preset's sizes as `tyr prune`'s
+    options of the same names do (calib_tokens, seq_len, iterations, ...); `no_eval` as
+    `--no-eval` (no perplexities). Raises UserError for bad input or an unsupported family."""
+    extra = dict(sizes or {})
+    unknown = sorted(set(extra) - {f.name for f in fields(Sizes)})
+    if unknown:
+        raise UserError(
+            f"tyr plan cannot take {', '.join(unknown)}",
+            "give sizes only: " + ", ".join(f.name for f in fields(Sizes)),
+        )
     # Validates sparsity, method, preset and dtype with the messages `tyr prune` gives.
     cfg = PruneConfig(
         sparsity=sparsity,
@@ -452,10 +464,16 @@ def estimate(
         offload=offload,
         memory_budget=memory_budget,
         weights=weights,
+        ffn_unit=ffn_unit,
+        **extra,
     )
     config, name = load_config(model)
     dims = dims_of(config)
+    check_ffn_unit(ffn_unit, dims.shape.intermediate)
+    dims = replace(dims, shape=replace(dims.shape, ffn_unit=ffn_unit))
     cfg, preset_name, settings = resolve_preset(cfg, dims.total)
+    if no_eval:
+        settings = replace(settings, eval_tokens=0)
     S, b = float(sparsity), DTYPE_BYTES[dtype]
 
     kept_block = pruned_block(dims, S)
@@ -478,8 +496,8 @@ def estimate(
     where = offload_mode(offload, acts, budget)
     eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
     eval_where = offload_mode(offload, eval_acts, budget)
-    weights_at = weights_mode(weights, method, dims.total * b, budget)
-    ram, phase = peak_ram(dims, settings, method, b, supernet, where, eval_where, weights_at, S)
+    weights_at = weights_mode(weights, method, dims.total * b, budget, S)
+    ram, phase = peak_ram(dims, settings, method, b, where, eval_where, weights_at, S)
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
     return {

@@ -30,6 +30,8 @@ from tyr.supernet import Candidate, Store
 
 log = logging.getLogger(__name__)
 
+HEAD_ROWS = 32768  # vocabulary rows of a non-fp32 LM head converted to fp32 at once
+
 __all__ = ["kl_positions", "topk_kl", "TeacherCache", "OnTheFlyTeacher", "Teacher", "LiveModel", "KLFitness"]
 
 
@@ -102,14 +104,15 @@ class TeacherCache:
         np.save(buf, self.filled)
         atomic_write(self._filled_path, buf.getvalue())
 
-    def get(self, rows: Sequence[int], teacher_logits) -> tuple[Tensor, Tensor]:
-        """[len(rows), T, k] values and indices; `teacher_logits(rows)` → [n, T, V] for the missing ones."""
+    def get(self, rows: Sequence[int], teacher_topk) -> tuple[Tensor, Tensor]:
+        """[len(rows), T, k] values and indices; `teacher_topk(row, k)` → [T, k] fp32 values and
+        indices of one missing sequence (never [n, T, V] logits)."""
         missing = [r for r in rows if not self.filled[r]]
         if missing:
-            for r in missing:  # one sequence at a time: [T, V] fp32 logits, never [n, T, V]
-                vals, idx = teacher_logits([r]).float().topk(self.k, dim=-1)
-                self.values[r] = vals[0].cpu().numpy()
-                self.index[r] = idx[0].to(torch.int32).cpu().numpy()
+            for r in missing:
+                vals, idx = teacher_topk(r, self.k)
+                self.values[r] = vals.cpu().numpy()
+                self.index[r] = idx.to(torch.int32).cpu().numpy()
             if self.persist:
                 self.values.flush()
                 self.index.flush()
@@ -124,10 +127,11 @@ class LiveModel:
     """A copy of the dense model whose sub-layers are the supernet candidates of a genome,
     physically sliced; applying a genome reloads only the sub-layers whose level changed.
 
-    With `lazy` (the dense blocks on disk, :mod:`tyr.stream.lazy`) the copy shares the dense
-    model's tensors outside the blocks (embedding, final norm, LM head: never pruned) and gets
-    each block the first time a genome sets it, read from disk and sliced at once, so that host
-    memory holds the pruned student and one dense block, not the dense model."""
+    A student in host memory shares the dense model's tensors outside the blocks (embedding,
+    final norm, LM head: never pruned) and gets each block the first time a genome sets it,
+    copied from the dense block (read from disk first for a lazy model, :mod:`tyr.stream.lazy`)
+    and sliced at once: host memory holds the pruned student beside the dense model, never a
+    second dense copy. A student on an accelerator is a whole copy, moved there."""
 
     def __init__(
         self,
@@ -152,16 +156,8 @@ class LiveModel:
         # stays where it is. A student sharing a lazy model's tensors stays in host memory.
         self.stream = (lazy is not None or _too_big(dense, device)) if stream is None else stream
         self.device = device
-        if lazy is None:
-            self.model = copy.deepcopy(dense).eval()
-        else:
-            blocks = {
-                id(t) for layer in arch.layers(dense, spec) for t in layer.state_dict(keep_vars=True).values()
-            }
-            outside = [t for t in (*dense.parameters(), *dense.buffers()) if id(t) not in blocks]
-            self.model = copy.deepcopy(dense, memo={id(t): t for t in outside}).eval()  # blocks: meta
-        if not self.stream:
-            self.model.to(device)
+        self.host = self.stream or device == "cpu"
+        self.model = _shell(dense, spec) if self.host else copy.deepcopy(dense).eval().to(device)
         self.loaded: dict[Gene, int] = {}
         self.reloads = 0
 
@@ -173,7 +169,7 @@ class LiveModel:
                 changed.setdefault(gene.block, []).append((gene, level))
         for b, genes in changed.items():
             with resident(dense_layers[b], self.lazy):
-                if self.lazy is not None and gene_block_unread(live_layers[b]):
+                if self.host and _unread(live_layers[b]):
                     live_layers[b] = copy.deepcopy(dense_layers[b])  # sliced below, before the next
                 for gene, level in genes:
                     self._set(gene, level, dense_layers[b], live_layers[b])
@@ -194,8 +190,20 @@ class LiveModel:
         self.reloads += 1
 
 
-def gene_block_unread(layer: nn.Module) -> bool:
-    """Whether a student block still has the meta tensors of a lazy model's copy."""
+def _shell(dense: nn.Module, spec: ArchSpec) -> nn.Module:
+    """A copy of `dense` sharing its tensors outside the decoder blocks, its blocks' tensors on
+    the meta device (no memory) until :meth:`LiveModel.apply` fills them."""
+    memo: dict[int, Any] = {}
+    for layer in arch.layers(dense, spec):
+        for t in layer.state_dict(keep_vars=True).values():
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+    memo.update({id(t): t for t in (*dense.parameters(), *dense.buffers()) if id(t) not in memo})
+    return copy.deepcopy(dense, memo=memo).eval()
+
+
+def _unread(layer: nn.Module) -> bool:
+    """Whether a student block still has the meta tensors of its shell."""
     return any(t.is_meta for t in layer.state_dict().values())
 
 
@@ -235,22 +243,40 @@ def _softcap(model: nn.Module, z: Tensor) -> Tensor:
     return z if cap is None else torch.tanh(z / cap) * cap
 
 
-def _full_logits(model: nn.Module, spec: ArchSpec, h: Tensor, chunk: int = 256, rows: int = 32768) -> Tensor:
-    """Logits of final hidden states `h` [B, T, d] over the whole vocabulary, [B, T, V] fp32,
-    with the arithmetic of :func:`head_logits`, in position chunks. An LM head in another dtype
-    is converted `rows` vocabulary rows at a time, never whole."""
+def _topk_logits(
+    model: nn.Module, spec: ArchSpec, h: Tensor, k: int, chunk: int = 256
+) -> tuple[Tensor, Tensor]:
+    """The top-k logits of final hidden states `h` [B, T, d] over the whole vocabulary and
+    their indices, [B, T, k] fp32 and int64, with the arithmetic of :func:`head_logits`, in
+    position chunks. An fp32 LM head gives the logits of a chunk at once; a head in another
+    dtype is converted HEAD_ROWS vocabulary rows at a time, each slice's top-k merged into the
+    chunk's, so that neither the head in fp32 nor a chunk's [c, V] logits are ever whole."""
     head = arch.get_module(model, spec.lm_head)
     W = head.weight
     h = h.to(W.device).float()
-    parts = []
+    bias = head.bias.float() if head.bias is not None else None
+
+    def logits(x: Tensor, lo: int, hi: int) -> Tensor:
+        z = x @ (W.T if W.dtype == torch.float32 else W[lo:hi].float().T)
+        return _softcap(model, z if bias is None else z + bias[lo:hi])
+
+    vals, idx = [], []
     for s in range(0, h.shape[1], chunk):
         x = h[:, s : s + chunk]
         if W.dtype == torch.float32:
-            z = x @ W.T
+            v, i = logits(x, 0, W.shape[0]).topk(k, dim=-1)
         else:
-            z = torch.cat([x @ W[r : r + rows].float().T for r in range(0, W.shape[0], rows)], dim=-1)
-        parts.append(z if head.bias is None else z + head.bias.float())
-    return _softcap(model, torch.cat(parts, dim=1))
+            best_v, best_i = [], []
+            for lo in range(0, W.shape[0], HEAD_ROWS):
+                z = logits(x, lo, min(lo + HEAD_ROWS, W.shape[0]))
+                top = z.topk(min(k, z.shape[-1]), dim=-1)
+                best_v.append(top.values)
+                best_i.append(top.indices + lo)
+            v, j = torch.cat(best_v, dim=-1).topk(k, dim=-1)
+            i = torch.cat(best_i, dim=-1).gather(-1, j)
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals, dim=1), torch.cat(idx, dim=1)
 
 
 def _reference(genomes: Sequence[Genome]) -> Genome:
@@ -268,13 +294,13 @@ class OnTheFlyTeacher:
     def __init__(self, k: int) -> None:
         self.k = k
 
-    def get(self, rows: Sequence[int], teacher_logits) -> tuple[Tensor, Tensor]:
-        """[len(rows), T, k] fp32 values and int32 indices; `teacher_logits(rows)` → [n, T, V]."""
+    def get(self, rows: Sequence[int], teacher_topk) -> tuple[Tensor, Tensor]:
+        """[len(rows), T, k] fp32 values and int32 indices; `teacher_topk(row, k)` → [T, k]."""
         vals, idx = [], []
         for r in rows:
-            v, i = teacher_logits([r]).float().topk(self.k, dim=-1)
-            vals.append(v[0].cpu())
-            idx.append(i[0].to(torch.int32).cpu())
+            v, i = teacher_topk(r, self.k)
+            vals.append(v.cpu())
+            idx.append(i.to(torch.int32).cpu())
         return torch.stack(vals), torch.stack(idx)
 
 
@@ -298,16 +324,17 @@ class KLFitness:
         self.stage_tokens, self.rng, self.batch_size = tuple(stage_tokens), rng, batch_size
         self.tokens_evaluated = 0
 
-    def _teacher_logits(self, rows: Sequence[int]) -> Tensor:
-        """The dense model's logits, [n, T, V] fp32: its final hidden states by the student's
-        own block path (the same dtype and kernels) and its LM head in fp32, as the student's
-        logits are, so that a genome of dense candidates scores KL 0 in any model dtype
-        (docs/algorithm.md §11.12)."""
+    def _teacher_topk(self, row: int, k: int) -> tuple[Tensor, Tensor]:
+        """The dense model's top-k logits of calibration sequence `row`, [T, k] fp32 and their
+        indices: its final hidden states by the student's own block path (the same dtype and
+        kernels) and its LM head in fp32, as the student's logits are, so that a genome of
+        dense candidates scores KL 0 in any model dtype (docs/algorithm.md §11.12)."""
         live = self.live
         with torch.inference_mode():
-            ids = self.calib[list(rows)]
+            ids = self.calib[[row]]
             h = Prefix(live.dense, live.spec, ids, live.device, live.lazy).final(live.dense)
-            return _full_logits(live.dense, live.spec, h)
+            vals, idx = _topk_logits(live.dense, live.spec, h, k)
+            return vals[0], idx[0]
 
     def minibatch(self, tokens: int) -> tuple[list[int], int]:
         """Distinct random sequences until `tokens`; the last one truncated: (rows, its length)."""
@@ -320,7 +347,7 @@ class KLFitness:
     @torch.inference_mode()
     def __call__(self, stage: int, genomes: Sequence[Genome]) -> list[float]:
         rows, last = self.minibatch(self.stage_tokens[stage])
-        vals, idx = self.teacher.get(rows, self._teacher_logits)
+        vals, idx = self.teacher.get(rows, self._teacher_topk)
         # Token batches with their teacher top-k; the truncated last sequence is a batch of its own.
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
         for s in range(0, len(rows), self.batch_size):

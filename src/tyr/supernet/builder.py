@@ -161,9 +161,11 @@ class Store:
         self._write_manifest()
 
     def weight(self, cand: Candidate) -> Tensor:
-        if cand.weight is None:
-            cand.weight = load_file(str(self.dir / cand.path))["weight"]
-        return cand.weight
+        """A candidate's compact weight: the one just solved, else read from its file (not
+        kept: host memory holds a block's candidates while it is built, not the supernet)."""
+        if cand.weight is not None:
+            return cand.weight
+        return load_file(str(self.dir / cand.path))["weight"]
 
 
 @dataclass(frozen=True)
@@ -193,12 +195,17 @@ def _attn_candidates(
 
 
 def _mlp_candidates(
-    down: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions
+    down: nn.Linear, H: Tensor, shape: Shape, sub: SubLayer, opt: SupernetOptions, low_memory: bool
 ) -> list[Candidate]:
+    """The FFN candidates of every level. `low_memory`: each level computes H_d⁻¹ afresh and
+    updates it in place instead of copying the shared one (the same values: one d_ff² matrix of
+    the solver dtype held instead of two, for one inversion more per level)."""
     problem = make_problem(down.weight.T, H, damp=opt.damp)
 
     def solve(k: int) -> Candidate:
-        sol = solve_problem(problem, 1, sub.units(k), saliency=opt.saliency, schedule=opt.schedule)
+        sol = solve_problem(
+            problem, 1, sub.units(k), saliency=opt.saliency, schedule=opt.schedule, consume=low_memory
+        )
         kept = tuple(int(j) for j in sol.kept)
         weight = compact_cols(sol.weight.T.to(device="cpu", dtype=down.weight.dtype), kept, 1)
         removed = mlp_removed(shape, len(kept))
@@ -249,7 +256,8 @@ def build(
 ) -> dict[Gene, list[Candidate]]:
     """Solve (or load) every sub-layer's candidates, block by block; each block is calibrated on
     inputs propagated through the previous blocks' W_prop (§5.4). The model's weights are left
-    dense (a lazy model's block is read from disk and dropped again); `inputs` are consumed."""
+    dense (a lazy model's block is read from disk and dropped again); `inputs` are consumed.
+    With a lazy model (memory is short), the FFN solver holds one H_d⁻¹ at a time."""
     out: dict[Gene, list[Candidate]] = {}
     # Dense activations of the first chunk (rank 0 holds it), for the §6.5 check.
     probe = inputs.hidden[0].clone() if dist.is_main() else None
@@ -285,7 +293,7 @@ def build(
                 ) -> Tensor:
                     cands = found
                     if cands is None:
-                        cands = _mlp_candidates(m.down, H, shape, sublayers[gf], opt)
+                        cands = _mlp_candidates(m.down, H, shape, sublayers[gf], opt, lazy is not None)
                         store.save(gf, cands)
                     chosen.append(cands)
                     return propagation_weight(
@@ -308,6 +316,8 @@ def build(
                     f"block {b}: propagated activations equal the dense ones; accumulation is not acting"
                 )
             log.debug("block %d: ‖X̄ − X_dense‖/‖X_dense‖ = %.4f", b, drift)
+            for c in cands_a + cands_f:
+                c.weight = None  # on disk; read again when a genome or a plan needs it
             out[ga], out[gf] = cands_a, cands_f
             bar.set_postfix(drift=f"{drift:.3f}")
             bar.update()

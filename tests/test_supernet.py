@@ -105,13 +105,13 @@ def test_interrupted_build_resumes_and_corrupt_files_are_recomputed(tmp_path, mo
 
     crashed: list[bool] = []
 
-    def spy_m(down, H, shape, sub, opt):
+    def spy_m(down, H, shape, sub, opt, low_memory):
         if sub.gene.block == 2 and not crashed:
             crashed.append(True)
             calls.append((2, "mlp-fail"))
             raise Crash  # the build dies in the last block
         calls.append((sub.gene.block, "mlp"))
-        return real_m(down, H, shape, sub, opt)
+        return real_m(down, H, shape, sub, opt, low_memory)
 
     monkeypatch.setattr(sn, "_attn_candidates", spy_a)
     monkeypatch.setattr(sn, "_mlp_candidates", spy_m)

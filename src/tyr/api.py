@@ -191,6 +191,7 @@ class _Opened:
     preset: str
     seq_len: int  # cfg.seq_len clipped to the model's context
     widths: Widths | None  # --genome: widths kept per block
+    params: int  # the dense model's parameters, counted once on the meta device
 
 
 def _run(asked: PruneConfig, clock: _Clock, out: Path, tmp: Path, workdir: Path, command: str) -> Result:
@@ -273,7 +274,8 @@ def _open(asked: PruneConfig) -> _Opened:
     if asked.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible", "use --device cpu")
     opened = open_model(asked.model, trust_remote_code=asked.trust_remote_code)
-    cfg, preset, sizes = resolve_preset(asked, opened.param_count())
+    params = opened.param_count()
+    cfg, preset, sizes = resolve_preset(asked, params)
     widths = read_genome(cfg.genome, opened.config, cfg.gqa) if cfg.genome and cfg.method == "tyr" else None
     check_ffn_unit(cfg.ffn_unit, int(opened.config.intermediate_size))
     seq_len = min(sizes.seq_len, int(getattr(opened.config, "max_position_embeddings", sizes.seq_len)))
@@ -286,7 +288,7 @@ def _open(asked: PruneConfig) -> _Opened:
         log.warning("seq_len %d exceeds the model's %d positions; using %d", sizes.seq_len, seq_len, seq_len)
     if dist.world() > 1 and dist.is_main():
         log.info("%d processes share the supernet solves and the search", dist.world())
-    return _Opened(opened, cfg, sizes, preset, seq_len, widths)
+    return _Opened(opened, cfg, sizes, preset, seq_len, widths, params)
 
 
 def _data(run: _Opened, asked: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -310,7 +312,7 @@ def _weights(run: _Opened, workdir: Path) -> tuple[nn.Module, LazyModel | None]:
     # Each process spills into its own directory: the blocks a process changes are its own.
     spill = _spill_dir(workdir)
     shutil.rmtree(spill, ignore_errors=True)  # what a killed run left
-    weight_bytes = run.opened.param_count() * DTYPE_BYTES[cfg.dtype]
+    weight_bytes = run.params * DTYPE_BYTES[cfg.dtype]
     budget = memory_budget_bytes(cfg.memory_budget)
     mode = weights_mode(cfg.weights, cfg.method, weight_bytes, budget, cfg.sparsity)
     lazy = None

@@ -205,7 +205,7 @@ def _plans(
     for b in range(shape.n_layers):
         a, m = chosen[Gene(b, "attn")], chosen[Gene(b, "mlp")]
         heads = budget.layout(a.kept, shape.n_q, shape.n_kv)
-        plans.append(LayerPlan(heads, m.kept, store.weight(a).clone(), store.weight(m).clone()))
+        plans.append(LayerPlan(heads, m.kept, store.weight(a), store.weight(m)))  # read afresh
     return plans
 
 

@@ -54,6 +54,11 @@ def test_killed_runs_resume_to_identical_bytes(tiny_dir, calib_txt, tmp_path):
     assert main(argv) == 0
     assert _outcome(out) == expected
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # stale temporaries gone
+    # One supernet at a time: a finished iteration keeps its genome, not its candidates.
+    assert not list((sn / "iter1").glob("blk*")) and (sn / "iter1" / "search.json").is_file()
+    last = json.loads((sn / "iter2" / "manifest.json").read_text())["sublayers"]
+    assert sorted(p.name for p in (sn / "iter2").glob("blk*")) == sorted(last) and last
+    assert json.loads((sn / "iter1" / "manifest.json").read_text())["sublayers"] == {}
 
 
 def test_a_locked_workdir_is_refused(tiny_dir, calib_txt, tmp_path, capsys):

@@ -142,3 +142,56 @@ def test_a_store_of_another_configuration_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="different configuration"):
         sn.Store(tmp_path, 1, {"a": 2})
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@torch.inference_mode()
+def test_recomputed_intermediates_give_the_same_bytes_as_stored_ones(tmp_path, monkeypatch, family):
+    """The MLP's d_ff-wide activations kept in memory, in files or not at all (the block runs a
+    second time): the same block outputs, byte for byte, and nothing d_ff wide is stored."""
+    from tyr.stream import ActivationStore, forward_block, propagate_mlp
+
+    model = tiny_model(family)
+    spec = arch.spec_for(model)
+    layer = arch.layers(model, spec)[0]
+    down = arch.mlp_parts(layer, spec).down
+    dense = down.weight.detach().clone()
+    new = dense + 0.05 * torch.randn(dense.shape, generator=torch.Generator().manual_seed(1))
+    siblings: list[str] = []
+    real = ActivationStore.sibling
+
+    def spy(self, offload=None):
+        siblings.append(offload or self.offload)
+        return real(self, offload)
+
+    monkeypatch.setattr(ActivationStore, "sibling", spy)
+    outs, grams = {}, {}
+    for where in ("cpu", "disk", "recompute"):
+        down.weight.data.copy_(dense)
+        inputs = capture(model, spec, list(_calib().split(3)), offload_root=tmp_path)
+        before = [inputs.hidden[i].clone() for i in range(len(inputs))]
+
+        def choose(H, where=where):
+            grams[where] = H.clone()
+            return new
+
+        propagate_mlp(layer, down, inputs, choose, residual=spec.mlp_output_is_residual, z_offload=where)
+        assert torch.equal(down.weight, new)
+        outs[where] = [inputs.hidden[i] for i in range(len(inputs))]
+        kw = [inputs.kwargs_for(layer, i) for i in range(len(inputs))]
+        inputs.close()
+    for where in ("disk", "recompute"):
+        assert torch.equal(grams[where], grams["cpu"])
+        assert all(torch.equal(a, b) for a, b in zip(outs[where], outs["cpu"], strict=True))
+    expect = [forward_block(layer, x, k) for x, k in zip(before, kw, strict=True)]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(outs["cpu"], expect, strict=True))
+    if spec.mlp_output_is_residual:
+        assert siblings == ["cpu", "disk"]  # recompute stores no intermediate activations
+
+
+def test_intermediates_are_recomputed_on_a_gpu_when_the_activations_are_on_disk():
+    from tyr.stream import intermediate_placement as place
+
+    assert place("cpu", "cpu") == "cpu" and place("disk", "cpu") == "disk"
+    assert place("cpu", "cuda") == "cpu" and place("disk", "cuda:1") == "recompute"
+    assert place("cpu", "cpu", streamed=True) == "disk" and place("cpu", "cuda", streamed=True) == "recompute"

@@ -154,6 +154,16 @@ def search_prune(
         }
         store = Store(workdir / "supernet", t, ident)
         dist.barrier()  # every rank sees the same files from here on
+        saved = _saved(store) if t < opt.iterations else None
+        if saved is not None:
+            # An earlier iteration that finished before: only its genome re-centres the next.
+            best, fitness_log, scored = saved
+            log_rows.append(
+                _row(steps, centres_by_gene, genes, best, fitness_log, scored, start, 0.0, 0.0, 0)
+            )
+            store.release()
+            centres_by_gene = budget.recentre(centres_by_gene, genes, best, steps)
+            continue
         built = time.perf_counter()
         loaded = store.load_all(genes)  # a finished supernet needs no forward pass
         forwards = 0
@@ -174,26 +184,44 @@ def search_prune(
         space = _space(genes, subs, cands, float(target), tol, joint)
         live = LiveModel(model, spec, shape, genes, cands, store, device, lazy=lazy)
         best, fitness_log, scored = _search_once(store, space, live, calib, teacher, opt, t, batch_size)
+        search_s = time.perf_counter() - searched
         log_rows.append(
-            {
-                "step_attn": steps["attn"],
-                "step_mlp": steps["mlp"],
-                "centres": [centres_by_gene[g] for g in genes],
-                "genome": list(best),
-                "parent_fitness": fitness_log,
-                "seconds": round(time.perf_counter() - start, 1),
-                "supernet_seconds": round(built, 1),
-                "search_seconds": round(time.perf_counter() - searched, 1),
-                "tokens_scored": scored,  # student tokens over all fitness calls (None if unknown)
-                "block_forwards": dist.gather({dist.rank(): forwards}, dist.world()),
-            }
+            _row(steps, centres_by_gene, genes, best, fitness_log, scored, start, built, search_s, forwards)
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
         if t < opt.iterations:
+            store.release()  # the next iteration builds its own supernet from the dense weights
             centres_by_gene = budget.recentre(centres_by_gene, genes, best, steps)
 
     assert store is not None
     return _plans(shape, genes, best, cands, store), log_rows
+
+
+def _row(
+    steps: dict[str, int],
+    centres: dict[Gene, int],
+    genes: list[Gene],
+    best: Genome,
+    fitness_log: list[float],
+    scored: int | None,
+    start: float,
+    built: float,
+    search_s: float,
+    forwards: int,
+) -> dict[str, Any]:
+    """One iteration's entry of the search log."""
+    return {
+        "step_attn": steps["attn"],
+        "step_mlp": steps["mlp"],
+        "centres": [centres[g] for g in genes],
+        "genome": list(best),
+        "parent_fitness": fitness_log,
+        "seconds": round(time.perf_counter() - start, 1),
+        "supernet_seconds": round(built, 1),
+        "search_seconds": round(search_s, 1),
+        "tokens_scored": scored,  # student tokens over all fitness calls (None if unknown)
+        "block_forwards": dist.gather({dist.rank(): forwards}, dist.world()),
+    }
 
 
 def _plans(
@@ -209,6 +237,15 @@ def _plans(
     return plans
 
 
+def _saved(store: Store) -> tuple[Genome, list[float], int | None] | None:
+    """The result of the store's search when it finished before (``search.json``), else None."""
+    path = store.dir / "search.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    return tuple(done["genome"]), done["parent_fitness"], done.get("tokens_scored")
+
+
 def _search_once(
     store: Store,
     space: Space,
@@ -220,14 +257,16 @@ def _search_once(
     batch_size: int,
 ) -> tuple[Genome, list[float], int | None]:
     """Iteration t's search, or its saved result when it finished before."""
-    saved = store.dir / "search.json"
-    if saved.is_file():
-        done = json.loads(saved.read_text())
-        return tuple(done["genome"]), done["parent_fitness"], done.get("tokens_scored")
+    saved = _saved(store)
+    if saved is not None:
+        return saved
     ckpt = store.dir / "search.ckpt.json"
     best, fitness_log, scored = _evolve_resumable(ckpt, space, live, calib, teacher, opt, t, batch_size)
     if dist.is_main():
-        atomic_json(saved, {"genome": list(best), "parent_fitness": fitness_log, "tokens_scored": scored})
+        atomic_json(
+            store.dir / "search.json",
+            {"genome": list(best), "parent_fitness": fitness_log, "tokens_scored": scored},
+        )
     return best, fitness_log, scored
 
 

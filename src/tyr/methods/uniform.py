@@ -27,7 +27,15 @@ from tyr.local import (
     solve,
 )
 from tyr.modeling import LayerPlan
-from tyr.stream import BlockInputs, LazyModel, collect_gram, editing, on_device, propagate_mlp
+from tyr.stream import (
+    BlockInputs,
+    LazyModel,
+    collect_gram,
+    editing,
+    intermediate_placement,
+    on_device,
+    propagate_mlp,
+)
 
 __all__ = ["SolverOptions", "prune_uniform"]
 
@@ -69,7 +77,7 @@ def prune_uniform(
     block at a time."""
     centres = initial_centres(shape, sparsity, opt.gqa)  # the search's level 0
     # A lazy model is pruned in the low-memory way throughout: the MLP's d_ff-wide intermediate
-    # activations, 4× the hidden states, wait on disk while down_proj is solved.
+    # activations, 4× the hidden states, wait on disk (or are recomputed) while down_proj is solved.
     streamed = lazy is not None
     plans: list[LayerPlan | None] = []
     blocks = arch.layers(model, spec)
@@ -103,7 +111,7 @@ def prune_uniform(
                     choose,
                     residual=spec.mlp_output_is_residual,
                     device=device,
-                    z_offload="disk" if streamed else None,
+                    z_offload=intermediate_placement(inputs.hidden.offload, device, streamed),
                 )
                 sol_f = solved[0]
                 kept = tuple(sol_f.kept.tolist())

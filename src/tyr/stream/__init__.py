@@ -21,6 +21,7 @@ from tyr.stream.lazy import LazyModel, editing, resident
 from tyr.stream.stats import (
     Gram,
     collect_gram,
+    intermediate_placement,
     propagate_mlp,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "on_device",
     "Gram",
     "collect_gram",
+    "intermediate_placement",
     "propagate_mlp",
     "LazyModel",
     "editing",

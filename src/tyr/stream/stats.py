@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from tyr.stream.blocks import BlockInputs, StopForward
 
-__all__ = ["Gram", "collect_gram", "propagate_mlp"]
+__all__ = ["Gram", "collect_gram", "intermediate_placement", "propagate_mlp"]
 
 
 class Gram:
@@ -63,6 +63,17 @@ def collect_gram(layer: nn.Module, linear: nn.Linear, inputs: BlockInputs, devic
     return gram
 
 
+def intermediate_placement(offload: str, device: torch.device | str, streamed: bool = False) -> str:
+    """Where the MLP's intermediate activations z (d_ff wide, 3–4× the hidden states) wait while
+    down_proj is solved: beside the block activations (`cpu` or `disk`), or `recompute`: none
+    kept, the block runs a second time instead. On a GPU with the activations on disk a block
+    forward is far cheaper than writing and reading z; on a CPU the files are. `streamed` (the
+    uniform prune of a model read block by block, short of memory) keeps them on disk at least.
+    The values are the same in every case."""
+    where = "disk" if streamed else offload
+    return "recompute" if where == "disk" and torch.device(device).type == "cuda" else where
+
+
 def propagate_mlp(
     layer: nn.Module,
     down: nn.Linear,
@@ -76,19 +87,24 @@ def propagate_mlp(
     """Collect down_proj's H under the block's current weights, set down_proj to the weight that
     `choose(H)` returns, and leave the block's outputs under it in `inputs` (in place).
 
-    For a residual MLP the output is h + z·W_downᵀ, so this pass's outputs plus z·ΔWᵀ are the
-    new outputs (docs/algorithm.md §5.4): one forward instead of two. Otherwise the block re-runs.
-    The z (d_ff wide) are kept where `z_offload` says, by default beside the activations.
+    For a residual MLP the output is h + z·W_downᵀ, so the outputs under the current weight plus
+    z·ΔWᵀ are the new outputs (docs/algorithm.md §5.4): one forward instead of two. The z are
+    kept where `z_offload` says (default :func:`intermediate_placement`), or, with `recompute`,
+    the first pass stops at down_proj and a second full pass under the current weight gives the
+    same outputs and z again, so that nothing d_ff wide is stored. Otherwise the block re-runs.
     """
-    z_store = inputs.hidden.sibling(z_offload) if residual else None
+    if z_offload is None:
+        z_offload = intermediate_placement(inputs.hidden.offload, device)
+    recompute = residual and z_offload == "recompute"
+    z_store = inputs.hidden.sibling(z_offload) if residual and not recompute else None
 
     def seen(i: int) -> Tensor:
         got: list[Tensor] = []
-        with _inputs_of(down, got.append):
+        with _inputs_of(down, got.append, stop=recompute), contextlib.suppress(StopForward):
             y = inputs.run(layer, i, device)
-        if z_store is not None:
-            inputs.hidden[i] = y
-            z_store.append(got[0])
+            if z_store is not None:
+                inputs.hidden[i] = y
+                z_store.append(got[0])
         return got[0]
 
     gram = Gram(down.in_features, device=device)
@@ -96,11 +112,17 @@ def propagate_mlp(
         gram.add(z)
     new = choose(gram.H).to(down.weight)
     delta = new - down.weight
-    down.weight.copy_(new)
     for i in range(len(inputs)):
         if z_store is not None:
             inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
-        else:
+        elif recompute:
+            got = []
+            with _inputs_of(down, got.append):
+                y = inputs.run(layer, i, device)
+            inputs.hidden[i] = y + got[0] @ delta.T
+    down.weight.copy_(new)
+    if not residual:
+        for i in range(len(inputs)):
             inputs.hidden[i] = inputs.run(layer, i, device)
     if z_store is not None:
         z_store.close()

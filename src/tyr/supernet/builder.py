@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,17 @@ class Store:
             c.path, c.sha256, c.bytes = rel, hashlib.sha256(data).hexdigest(), len(data)
         self.sublayers[self.key(gene)] = {"status": "done", "candidates": [c.meta() for c in cands]}
         self._write_manifest()
+
+    def release(self) -> None:
+        """Delete the candidate files once the iteration's search has finished (only its genome,
+        in ``search.json``, travels on): the work directory holds one supernet at a time. The
+        manifest keeps the identity and forgets the sub-layers, so a search result lost later
+        makes the iteration build again rather than trust files that are gone."""
+        self.sublayers = {}
+        self._write_manifest()
+        if dist.is_main():
+            for folder in self.dir.glob("blk*"):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def weight(self, cand: Candidate) -> Tensor:
         """A candidate's compact weight: the one just solved, else read from its file (not

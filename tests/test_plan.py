@@ -95,7 +95,11 @@ def test_supernet_and_teacher_only_for_tyr(tmp_path: Path) -> None:
     tyr, uniform = plan.estimate(d, 0.5, method="tyr"), plan.estimate(d, 0.5, method="uniform")
     assert tyr["supernet_bytes"] > 0 and tyr["teacher_cache_bytes"] > 0
     assert tyr["workdir_bytes"] >= tyr["supernet_bytes"] + tyr["teacher_cache_bytes"]
-    assert uniform["supernet_bytes"] == uniform["teacher_cache_bytes"] == uniform["workdir_bytes"] == 0
+    assert uniform["supernet_bytes"] == uniform["teacher_cache_bytes"] == 0
+    # uniform reads the blocks from disk: each pruned block and the MLP intermediates go there
+    st, shape = uniform["settings"], uniform["shape"]
+    blocks = uniform["params"]["dense_block"] * 4
+    assert uniform["workdir_bytes"] == blocks + st["calib_tokens"] * shape["intermediate"] * 4
     assert tyr["runtime_s"]["supernet"] > 0 and tyr["runtime_s"]["search"] > 0
     assert uniform["runtime_s"]["prune"] > 0 and uniform["runtime_s"]["search"] == 0
 
@@ -200,15 +204,18 @@ def test_a_teacher_cache_too_large_for_the_disk_is_recomputed(tmp_path: Path) ->
 
 
 def test_activations_over_the_memory_budget_go_to_disk(tmp_path: Path) -> None:
-    """8B at the paper's budget: 189 GB of calibration activations in bfloat16. Over the budget
-    they go to the work directory: host memory falls by them, the disk grows by them."""
+    """8B at the paper's budget: 155 GB of calibration activations in bfloat16 (hidden states and
+    MLP intermediates). Over the budget they go to the work directory: host memory falls by
+    them, the disk grows by them; on a GPU the intermediates are recomputed instead."""
     d = str(_saved(tmp_path, _llama8b_config()))
     mem = plan.estimate(d, 0.5, dtype="bfloat16", offload="cpu")
     auto = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64)
-    assert auto["activation_bytes"] == 4_194_304 * (2 * 4096 + 14336) * 2
+    assert auto["activation_bytes"] == 4_194_304 * (4096 + 14336) * 2
     assert mem["offload"] == "cpu" and auto["offload"] == "disk"
     assert auto["peak_ram_bytes"] < mem["peak_ram_bytes"] - auto["activation_bytes"] / 2
     assert auto["workdir_bytes"] == mem["workdir_bytes"] + auto["activation_bytes"]
+    gpu = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64, device="cuda")
+    assert gpu["workdir_bytes"] == mem["workdir_bytes"] + 4_194_304 * 4096 * 2
     assert "activations on disk" in plan.format_plan(auto)
     assert plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=200)["offload"] == "cpu"
     assert offload_mode("auto", 10, 9) == "disk" and offload_mode("auto", 9, 9) == "cpu"
@@ -303,3 +310,66 @@ def test_sizes_given_replace_the_presets(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match="cannot take"):
         plan.estimate(d, 0.5, sizes={"damp": 0.1})
+
+
+def test_8b_at_the_papers_budget_fits_one_gpu_host(tmp_path: Path) -> None:
+    """Llama-3.1-8B shapes, bfloat16, 50 %, preset paper on one H100 and 64 GB of budget: host
+    RAM ≤ 64 GB, work directory ≤ 100 GB (one supernet at a time, activations offloaded, the
+    MLP intermediates recomputed), GPU memory ≤ 40 GB; the GPU copy of the student counted."""
+    d = str(_saved(tmp_path, _llama8b_config()))
+    est = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64, device="cuda", gpu="h100")
+    assert est["preset"] == "paper" and est["offload"] == "disk" and est["weights"] == "memory"
+    assert est["peak_ram_bytes"] <= 64e9 and est["workdir_bytes"] <= 100e9
+    g = est["gpu"]
+    assert g["student_on_gpu"] and g["memory_bytes"] <= 40e9
+    assert est["workdir_bytes"] == est["supernet_bytes"] + 4_194_304 * 4096 * 2  # the held-out states too
+    assert g["memory_bytes"] > est["disk_bytes"]["dense"]  # the student is copied whole first
+    text = plan.format_plan(est)
+    assert "GPU memory per process" in text and "Not calibrated" in text
+    # with 8 processes the calibration forwards, solves and offspring divide; the teacher does not
+    eight = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64, device="cuda", nproc=8)
+    one, many = est["runtime_s"], eight["runtime_s"]
+    assert one["supernet"] / 8 < many["supernet"] < one["supernet"]
+    assert one["search"] / 8 < many["search"] < one["search"]
+    assert eight["host_ram_bytes"] > 7 * eight["peak_ram_bytes"] / 2
+    # 70B: the student does not fit an 80 GB GPU and streams its blocks through it
+    big = plan.estimate(
+        str(_saved(tmp_path, _llama70b_config(), "70b")),
+        0.5,
+        dtype="bfloat16",
+        memory_budget=64,
+        device="cuda",
+    )
+    assert not big["gpu"]["student_on_gpu"] and big["gpu"]["memory_bytes"] <= 40e9
+    with pytest.raises(UserError, match="unknown GPU"):
+        plan.estimate(d, 0.5, device="cuda", gpu="tpu")
+
+
+def _llama70b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    )
+
+
+def test_plan_command_takes_the_gpu_and_the_process_count(tmp_path: Path, capsys) -> None:
+    from tyr.cli import main
+
+    d, out = str(_saved(tmp_path, _llama8b_config())), tmp_path / "plan.json"
+    argv = ["plan", d, "--sparsity", "0.5", "--dtype", "bfloat16", "--device", "cuda", "--gpu", "a100"]
+    assert main([*argv, "--nproc", "2", "--json", str(out)]) == 0
+    est = json.loads(out.read_text())
+    assert est["device"] == "cuda" and est["nproc"] == 2 and est["gpu"]["name"] == "a100"
+    text = capsys.readouterr().out
+    assert "host RAM, 2 processes on one host" in text and "NVIDIA A100" in text
+    assert main([*argv, "--nproc", "0"]) == 2
+    assert "not a process count" in capsys.readouterr().err

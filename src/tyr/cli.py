@@ -95,6 +95,8 @@ def _report_parser(sub: Any) -> None:
 
 
 def _plan_parser(sub: Any) -> None:
+    from tyr.report import GPUS
+
     p = sub.add_parser("plan", help="estimate a pruning run before doing it")
     p.add_argument("model", nargs="?", help="HF directory, config.json, .gguf or hub id (default: embedded)")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters to remove")
@@ -118,6 +120,11 @@ def _plan_parser(sub: Any) -> None:
     )
     p.add_argument("--no-eval", action="store_true", help="as tyr prune's: no perplexities")
     p.add_argument("--ffn-unit", type=int, default=1, help="as tyr prune's (default 1)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="as tyr prune's (default cpu)")
+    p.add_argument(
+        "--gpu", default="h100", choices=tuple(GPUS), help="with --device cuda: the GPU of each process"
+    )
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun), one GPU each with cuda")
     p.add_argument("--json", help="also write the estimates as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
@@ -253,6 +260,9 @@ def _plan(ns: argparse.Namespace) -> int:
         sizes=parse_set(ns.set),
         no_eval=ns.no_eval,
         ffn_unit=ns.ffn_unit,
+        device=ns.device,
+        gpu=ns.gpu,
+        nproc=ns.nproc,
     )
     print(format_plan(est))
     if ns.json:

@@ -128,9 +128,10 @@ def _meta(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
 
 
 def activation_bytes(tokens: int, hidden: int, intermediate: int, dtype: str) -> int:
-    """Host memory of block activations: each token's block input and output (hidden wide) and,
-    for the local pruner, its MLP intermediate (`intermediate` wide; 0 for a perplexity)."""
-    return tokens * (2 * hidden + intermediate) * DTYPE_BYTES[dtype]
+    """Memory of block activations: each token's hidden state (`hidden` wide, updated in place
+    block after block) and, for the local pruner, its MLP intermediate (`intermediate` wide,
+    held while down_proj is solved; 0 for a perplexity)."""
+    return tokens * (hidden + intermediate) * DTYPE_BYTES[dtype]
 
 
 def offload_mode(requested: str, needed: int, budget: int) -> str:

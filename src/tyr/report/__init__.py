@@ -14,6 +14,7 @@ from tyr.report.document import (
 )
 from tyr.report.plan import (
     FORWARD_FLOPS_PER_S_2T,
+    GPUS,
     LOCAL_SOLVE_FACTOR,
     REFERENCE,
     Dims,
@@ -59,6 +60,7 @@ __all__ = [
     "Dims",
     "REFERENCE",
     "FORWARD_FLOPS_PER_S_2T",
+    "GPUS",
     "LOCAL_SOLVE_FACTOR",
     "load_config",
     "dims_of",

@@ -24,8 +24,8 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
   limits; real kernels get less.
 - ``supernet_bytes``: one iteration's supernet on disk (the first, widest-step one; 0 for
   ``uniform``): for each sub-layer and level, the compact o_proj / down_proj weight in the
-  model dtype plus int32 index lists. ``workdir_bytes``: the whole work directory (every
-  iteration's supernet is kept for resuming, plus the teacher cache and offloaded activations).
+  model dtype plus int32 index lists. ``workdir_bytes``: the work directory at its fullest
+  (:func:`workdir_bytes`: one iteration's supernet, the teacher cache, offloaded activations).
 - ``teacher_cache``: ``disk`` or ``none`` (``--teacher-cache``; ``auto`` resolved as the run
   resolves it). ``teacher_cache_bytes``: calib_tokens × min(kl_topk, vocab) × (4 B value + 4 B
   index) on disk; 0 when the teacher is recomputed per minibatch, and for ``uniform`` (no
@@ -36,10 +36,14 @@ counted, and every estimate is arithmetic on its shape and on the resolved prese
   ``disk`` (``--weights auto`` resolved as a run resolves it, assuming a local safetensors
   checkpoint, which a block-by-block read needs).
   ``peak_ram_bytes`` and ``peak_ram_phase``: host memory of the largest phase (prune, search
-  or eval), activations in memory or, offloaded, one batch of them; the search holds the
-  largest stage's teacher top-k.
+  or eval) of rank 0, activations in memory or, offloaded, one batch of them; the search holds
+  the largest stage's teacher top-k. ``host_ram_bytes``: all ``nproc`` processes on one host.
+- ``device`` (cpu or cuda), ``nproc``; ``gpu`` (None on a CPU): ``name``, ``model``,
+  ``memory_bytes`` and ``memory_phase`` (one process's GPU memory, :func:`gpu_memory`),
+  ``device_memory_bytes``, ``student_on_gpu``.
 - ``runtime_s``: ``prune`` (the uniform local-pruning pass; 0 for ``tyr``), ``supernet``,
-  ``search``, ``eval`` (dense and pruned perplexity), ``total``; ``runtime_basis`` says how.
+  ``search``, ``eval`` (dense and pruned perplexity), ``total``; ``runtime_basis`` says how
+  (on a GPU: :func:`gpu_runtime`, datasheet arithmetic not calibrated by a measured run).
 
 Run time is a CPU estimate: work in FLOP units divided by a rate measured on a reference run
 (see :data:`REFERENCE`), scaled linearly with ``torch.get_num_threads()``. Forward passes cost
@@ -76,9 +80,12 @@ from tyr.eval import LOGIT_ELEMENTS
 from tyr.infra import memory_budget_bytes
 from tyr.modeling import unfuse
 from tyr.report.fmt import fmt_bytes, fmt_params
+from tyr.stream import intermediate_placement
 
 __all__ = [
+    "Accelerator",
     "Dims",
+    "GPUS",
     "REFERENCE",
     "FORWARD_FLOPS_PER_S_2T",
     "LOCAL_SOLVE_FACTOR",
@@ -337,33 +344,42 @@ def peak_ram(
     eval_offload: str = "cpu",
     weights: str = "disk",
     sparsity: float = 0.5,
-) -> tuple[int, str]:
-    """(bytes, phase) of the largest host-memory phase, block activations in memory (`offload`
-    cpu) or in the work directory but for one batch (disk); `eval_offload` likewise for the
-    held-out perplexity's.
+    device: str = "cpu",
+    nproc: int = 1,
+) -> tuple[int, str, int]:
+    """(bytes, phase) of the largest host-memory phase of rank 0, and the host memory of all
+    `nproc` processes on one host (the others do not evaluate), block activations in
+    memory (`offload` cpu: its share of the calibration sequences) or in the work directory but
+    for one batch (disk); `eval_offload` likewise for the held-out perplexity's.
 
     `weights` (resolved `--weights`): `memory` holds the model; `disk` reads one block at a time
     from a local safetensors checkpoint (tyr.stream.lazy; the embedding mapped, read by rows),
     and the search then holds its pruned student, one dense block and the LM head (the teacher's
-    logits read all of it); in memory, the model and the pruned student. `--method uniform` keeps
-    the MLP's intermediate activations on disk."""
+    logits read all of it); in memory, the model and the pruned student. The MLP's intermediate
+    activations wait where :func:`tyr.stream.intermediate_placement` puts them. On a GPU the
+    solver's matrices live there, and a student that fits the GPU is first copied whole in host
+    memory (:func:`gpu_memory`)."""
     shape = dims.shape
     streamed = weights == "disk"
     block = dims.block // shape.n_layers * dtype_bytes
     resident = block if streamed else dims.total * dtype_bytes
     batch = settings.batch_size * settings.seq_len
-    tokens = settings.calib_tokens if offload == "cpu" else batch
-    calib_acts = tokens * shape.hidden * dtype_bytes * 2  # block input and output
-    mlp_inputs = tokens * shape.intermediate * dtype_bytes if method == "tyr" else 0
+    share = -(-settings.calib_tokens // nproc)
+    tokens = share if offload == "cpu" else batch
+    calib_acts = (tokens + batch) * shape.hidden * dtype_bytes  # the states, and one batch's new ones
+    z_at = intermediate_placement(offload, device, streamed=method == "uniform" and streamed)
+    z_tokens = tokens if z_at == "cpu" else batch
+    mlp_inputs = z_tokens * shape.intermediate * dtype_bytes
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
     # fp32 Gram and fp64 H_d⁻¹, plus (tyr, weights in memory) the working copy of each level's
     # solve (with the weights on disk each level inverts afresh instead); W, G, Ŵ in fp64
     copy = 8 if method == "tyr" and not streamed else 0
-    solver = n_in**2 * (4 + 8 + copy) + 3 * n_in * shape.hidden * 8
+    solver = n_in**2 * (4 + 8 + copy) + 3 * n_in * shape.hidden * 8 if device == "cpu" else 0
+    eval_tokens = settings.eval_tokens if eval_offload == "cpu" else batch
     phases = {
         "prune": resident + calib_acts + mlp_inputs + solver,
         "eval": resident
-        + (settings.eval_tokens if eval_offload == "cpu" else batch) * shape.hidden * dtype_bytes * 2
+        + (eval_tokens + batch) * shape.hidden * dtype_bytes
         + LOGIT_ELEMENTS * 4 * 2,  # a chunk of fp32 logits and its log-probabilities
     }
     if method == "tyr":
@@ -373,13 +389,207 @@ def peak_ram(
         minibatch = stage * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES
         rows = dims.vocab if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab)
         logits = min(256, settings.seq_len) * rows * 4
-        # the student: its pruned blocks (it shares the embedding and LM head with the teacher)
+        # the student: its pruned blocks (it shares the embedding and LM head with the teacher),
+        # or on a GPU it fits, the whole model copied there through host memory
         student = pruned_block(dims, sparsity) * dtype_bytes
+        if device != "cpu" and not streamed:
+            student = dims.total * dtype_bytes
         head_chunk = 0 if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab) * shape.hidden * 4
         teacher = block + dims.head * dtype_bytes + head_chunk if streamed else resident
         phases["search"] = student + teacher + minibatch + logits
     phase = max(phases, key=lambda k: phases[k])
-    return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase
+    worker = max(v for k, v in phases.items() if k != "eval")  # rank 0 alone evaluates
+    host = phases[phase] + (nproc - 1) * worker + nproc * RUNTIME_OVERHEAD_BYTES
+    return phases[phase] + RUNTIME_OVERHEAD_BYTES, phase, host
+
+
+def workdir_bytes(
+    dims: Dims,
+    settings: Sizes,
+    method: str,
+    dtype_bytes: int,
+    supernet: int,
+    teacher: int,
+    offload: str,
+    eval_offload: str,
+    weights: str,
+    device: str = "cpu",
+) -> int:
+    """The work directory at its fullest: one iteration's supernet at a time (a finished
+    iteration keeps only its genome), the teacher cache, and the activations that are
+    offloaded: the calibration states and, where they wait on disk, the MLP intermediates
+    during a build; the held-out states during the perplexity. `--method uniform` with the
+    weights on disk writes each changed block there as well."""
+    shape = dims.shape
+    z_at = intermediate_placement(offload, device, streamed=method == "uniform" and weights == "disk")
+    width = (shape.hidden if offload == "disk" else 0) + (shape.intermediate if z_at == "disk" else 0)
+    calib = settings.calib_tokens * width
+    heldout = settings.eval_tokens * shape.hidden if eval_offload == "disk" else 0
+    spilled = dims.block * dtype_bytes if method == "uniform" and weights == "disk" else 0
+    return supernet + teacher + spilled + max(calib, heldout) * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs: memory and time per process, from the accelerator's datasheet figures.
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Datasheet figures of one device as torch sees it (one GCD of an MI250)."""
+
+    name: str
+    bf16: float  # dense tensor FLOP/s in bfloat16
+    fp32: float  # FLOP/s in float32 without TF32 (tyr keeps TF32 off)
+    memory: float  # bytes
+    link: float  # host-to-device bytes/s that pageable copies reach (PCIe)
+
+
+GPUS: dict[str, Accelerator] = {
+    "h100": Accelerator("NVIDIA H100 SXM 80 GB", 989e12, 67e12, 80e9, 20e9),
+    "h200": Accelerator("NVIDIA H200 SXM 141 GB", 989e12, 67e12, 141e9, 20e9),
+    "a100": Accelerator("NVIDIA A100 SXM 80 GB", 312e12, 19.5e12, 80e9, 12e9),
+    "a100-40": Accelerator("NVIDIA A100 40 GB", 312e12, 19.5e12, 40e9, 12e9),
+    "l40s": Accelerator("NVIDIA L40S 48 GB", 362e12, 91.6e12, 48e9, 12e9),
+    "rtx4090": Accelerator("NVIDIA RTX 4090 24 GB", 165e12, 82.6e12, 24e9, 12e9),
+    "mi250": Accelerator("AMD MI250 (one GCD, 64 GB)", 181e12, 23.9e12, 64e9, 12e9),
+    "mi300x": Accelerator("AMD MI300X 192 GB", 1307e12, 163e12, 192e9, 20e9),
+}
+# Fraction of the peak FLOP/s that tyr's forwards and solves are assumed to reach on a GPU, and
+# the local disk's read/write rate for offloaded activations: assumptions, not measurements
+# (no GPU run of tyr has calibrated them yet; docs/architecture.md §3.3 says how to).
+GPU_EFFICIENCY = 0.4
+DISK_BYTES_PER_S = 2e9
+CUDA_CONTEXT_BYTES = 500_000_000
+STUDENT_GPU_FRACTION = 0.8  # tyr.search.fitness: a student above it streams its blocks
+
+
+def student_on_gpu(dims: Dims, dtype_bytes: int, gpu: Accelerator, weights: str) -> bool:
+    """Whether the search's student lives on the GPU: a copy of the model takes at most 80 %
+    of the GPU's memory, and the weights are in host memory (with them on disk it streams)."""
+    return weights == "memory" and dims.total * dtype_bytes <= STUDENT_GPU_FRACTION * gpu.memory
+
+
+def gpu_memory(
+    dims: Dims, settings: Sizes, method: str, dtype_bytes: int, on_gpu: bool, weights: str
+) -> tuple[int, str]:
+    """(bytes, phase) of the largest GPU-memory phase of one process. Local pruning: one block
+    and copies of its two consumers, both fp32 Gram matrices, the fp32 solver's H_d⁻¹ (and its
+    working copy with the weights in memory), W, G, Ŵ and the propagation weight in fp32, one
+    batch's activations through the block. Search: the student (the whole model while it is
+    copied there, when it fits; else one block, the embedding and the LM head), one streamed
+    teacher block, the largest stage's hidden states, one batch's teacher top-k (the stage's
+    wait in host memory) and a chunk of logits.
+    Eval: one block, one batch's states and a chunk of logits."""
+    shape = dims.shape
+    block = dims.block // shape.n_layers * dtype_bytes
+    batch = settings.batch_size * settings.seq_len
+    attn_in = shape.n_q * shape.head_dim
+    n_in = max(shape.intermediate, attn_in)
+    consumers = (attn_in + shape.intermediate) * shape.hidden * dtype_bytes
+    copy = 4 if method == "tyr" and weights == "memory" else 0
+    solver = (attn_in**2 + shape.intermediate**2) * 4 + n_in**2 * (4 + copy) + 4 * n_in * shape.hidden * 4
+    working = batch * (4 * shape.hidden + 3 * shape.intermediate) * dtype_bytes
+    logits = LOGIT_ELEMENTS * 4 * 2
+    phases = {
+        "prune": block + consumers + solver + working,
+        "eval": block + batch * shape.hidden * dtype_bytes * 2 + logits,
+    }
+    if method == "tyr":
+        embed_head = (dims.embed + (0 if dims.tied else dims.head)) * dtype_bytes
+        student = dims.total * dtype_bytes if on_gpu else block + embed_head
+        stage = min(max(settings.stage_tokens), settings.calib_tokens)
+        topk = batch * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES  # one batch's
+        states = stage * shape.hidden * dtype_bytes
+        phases["search"] = student + block + states + topk + logits + working
+    phase = max(phases, key=lambda k: phases[k])
+    return phases[phase] + CUDA_CONTEXT_BYTES, phase
+
+
+def gpu_runtime(
+    dims: Dims,
+    settings: Sizes,
+    sparsity: float,
+    method: str,
+    kept: float,
+    cache: str,
+    dtype_bytes: int,
+    gpu: Accelerator,
+    nproc: int,
+    offload: str,
+    on_gpu: bool,
+) -> dict[str, float]:
+    """Seconds per phase with `nproc` processes, one GPU each: FLOPs at GPU_EFFICIENCY of the
+    peak (forwards in the model dtype, solves in fp32 at LOCAL_SOLVE_FACTOR FLOP units each),
+    plus the copies between host and GPU (activations each pass, streamed blocks) and, with the
+    activations offloaded, the disk's reads and writes. The calibration forwards, the levels'
+    solves and the offspring are divided between the processes; the teacher's forwards and the
+    disk (one per node) are not."""
+    shape, L = dims.shape, dims.shape.n_layers
+    flops = (gpu.bf16 if dtype_bytes == 2 else gpu.fp32) * GPU_EFFICIENCY
+    solve_rate = gpu.fp32 * GPU_EFFICIENCY
+    block = dims.block // L * dtype_bytes
+    hidden = settings.calib_tokens * shape.hidden * dtype_bytes
+    recompute = offload == "disk"  # tyr.stream.intermediate_placement on a GPU
+
+    def local(candidates: list[tuple[str, list[int]]]) -> float:
+        per_token = streaming_flops_per_token(shape, settings.seq_len, dims.block)
+        if recompute:
+            per_token += 2 * dims.block + attention_score_flops(shape, settings.seq_len)
+        stream = settings.calib_tokens * per_token / flops / nproc
+        solves = sum(len(u) * local_solve_units(shape, k) for k, u in candidates)
+        levels = max(len(u) for _, u in candidates)
+        solve = LOCAL_SOLVE_FACTOR * solves / solve_rate / min(nproc, levels)
+        # per block: the Gram passes and the update read the states 3 times and write them once
+        link = L * (4 * hidden / nproc + block) / gpu.link
+        disk = L * 4 * hidden / DISK_BYTES_PER_S if offload == "disk" else 0.0
+        return stream + solve + link + disk
+
+    prune = supernet = search = 0.0
+    if method == "tyr":
+        supernet = sum(
+            local(candidate_units(shape, sparsity, t, settings.levels))
+            for t in range(1, settings.iterations + 1)
+        )
+        topk = min(settings.kl_topk, dims.vocab)
+        student_tokens = settings.iterations * settings.generations * search_tokens_per_generation(settings)
+        teacher = teacher_tokens(settings, cache)
+        batch = settings.batch_size * settings.seq_len
+        student_s = (
+            student_tokens * forward_flops(dims, settings.seq_len, kept, head_rows=topk) / flops / nproc
+        )
+        teacher_s = teacher * forward_flops(dims, settings.seq_len) / flops
+        # every teacher forward (one sequence) streams the dense blocks; so does a student
+        # forward (one batch) when the student does not fit the GPU
+        moved = float(-(-teacher // settings.seq_len) * dims.block * dtype_bytes)
+        if not on_gpu:
+            moved += -(-student_tokens // batch) * pruned_block(dims, sparsity) * dtype_bytes / nproc
+        search = student_s + teacher_s + moved / gpu.link
+    else:
+        prune = local(candidate_units(shape, sparsity, 1, 1))
+    evaluation = (
+        settings.eval_tokens
+        * (forward_flops(dims, settings.seq_len) + forward_flops(dims, settings.seq_len, kept))
+        / flops
+        + 2 * 2 * L * settings.eval_tokens * shape.hidden * dtype_bytes / gpu.link
+    )
+    total = prune + supernet + search + evaluation
+    return {
+        "prune": round(prune, 1),
+        "supernet": round(supernet, 1),
+        "search": round(search, 1),
+        "eval": round(evaluation, 1),
+        "total": round(total, 1),
+    }
+
+
+def _gpu_basis(gpu: Accelerator, nproc: int) -> str:
+    return (
+        f"GPU estimate for {nproc} process(es) on {gpu.name} each: forwards and solves at "
+        f"{GPU_EFFICIENCY:.0%} of the datasheet peak ({gpu.bf16 / 1e12:.0f} TFLOP/s bf16, "
+        f"{gpu.fp32 / 1e12:.1f} TFLOP/s fp32), host-GPU copies at {gpu.link / 1e9:.0f} GB/s, "
+        f"offloaded activations at {DISK_BYTES_PER_S / 1e9:.0f} GB/s of disk. Not calibrated by a "
+        "measured GPU run."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,12 +649,21 @@ def estimate(
     sizes: dict[str, Any] | None = None,
     no_eval: bool = False,
     ffn_unit: int = 1,
+    device: str = "cpu",
+    gpu: str = "h100",
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Estimates for pruning `model` (None = the embedded default, a directory holding
     config.json, a config.json file, or a hub id / .gguf as `tyr prune` takes) to `sparsity`;
     see the module docstring for the keys. `sizes` overrides the preset's sizes as `tyr prune`'s
     options of the same names do (calib_tokens, seq_len, iterations, ...); `no_eval` as
-    `--no-eval` (no perplexities). Raises UserError for bad input or an unsupported family."""
+    `--no-eval` (no perplexities). `device` cuda: the run on `nproc` processes with one GPU
+    of the kind `gpu` (a key of :data:`GPUS`) each. Raises UserError for bad input or an
+    unsupported family."""
+    if gpu not in GPUS:
+        raise UserError(f"unknown GPU {gpu!r}", "choose one of " + ", ".join(GPUS))
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc} is not a process count", "give 1 or more")
     extra = dict(sizes or {})
     unknown = sorted(set(extra) - {f.name for f in fields(Sizes)})
     if unknown:
@@ -465,6 +684,7 @@ def estimate(
         memory_budget=memory_budget,
         weights=weights,
         ffn_unit=ffn_unit,
+        device=device,
         **extra,
     )
     config, name = load_config(model)
@@ -497,9 +717,30 @@ def estimate(
     eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
     eval_where = offload_mode(offload, eval_acts, budget)
     weights_at = weights_mode(weights, method, dims.total * b, budget, S)
-    ram, phase = peak_ram(dims, settings, method, b, where, eval_where, weights_at, S)
+    ram, phase, host_ram = peak_ram(
+        dims, settings, method, b, where, eval_where, weights_at, S, device, nproc
+    )
+    workdir = workdir_bytes(
+        dims, settings, method, b, supernet, teacher, where, eval_where, weights_at, device
+    )
     threads = max(1, torch.get_num_threads())
     shape = dims.shape
+    if device == "cuda":
+        accel = GPUS[gpu]
+        on_gpu = student_on_gpu(dims, b, accel, weights_at)
+        gpu_bytes, gpu_phase = gpu_memory(dims, settings, method, b, on_gpu, weights_at)
+        runtime = gpu_runtime(dims, settings, S, method, kept, cache, b, accel, nproc, where, on_gpu)
+        basis = _gpu_basis(accel, nproc)
+        gpu_est: dict[str, Any] | None = {
+            "name": gpu,
+            "model": accel.name,
+            "memory_bytes": gpu_bytes,
+            "memory_phase": gpu_phase,
+            "device_memory_bytes": int(accel.memory),
+            "student_on_gpu": on_gpu,
+        }
+    else:
+        runtime, basis, gpu_est = _runtime(dims, settings, S, method, kept, cache), _basis(threads), None
     return {
         "model": name,
         "family": dims.family,
@@ -540,7 +781,7 @@ def estimate(
         "disk_bytes": {"dense": dims.total * b, "pruned": pruned_total * b},
         "ideal_speedup": {"prefill": round(prefill, 4), "decode": round(decode, 4)},
         "supernet_bytes": supernet,
-        "workdir_bytes": (sum(per_iteration) if tyr else 0) + teacher + (acts if where == "disk" else 0),
+        "workdir_bytes": workdir,
         "teacher_cache": cache,
         "teacher_cache_bytes": teacher,
         "offload": where,
@@ -549,8 +790,12 @@ def estimate(
         "activation_bytes": acts,
         "peak_ram_bytes": ram,
         "peak_ram_phase": phase,
-        "runtime_s": _runtime(dims, settings, S, method, kept, cache),
-        "runtime_basis": _basis(threads),
+        "device": device,
+        "nproc": nproc,
+        "host_ram_bytes": host_ram,
+        "gpu": gpu_est,
+        "runtime_s": runtime,
+        "runtime_basis": basis,
     }
 
 
@@ -601,12 +846,28 @@ def format_plan(est: dict[str, Any]) -> str:
                 if est["teacher_cache"] == "disk"
                 else "none (top-k recomputed per minibatch)",
             ),
-            (f"work directory ({st['iterations']} iterations)", fmt_bytes(est["workdir_bytes"])),
+            (
+                f"work directory at its fullest ({st['iterations']} iterations)",
+                fmt_bytes(est["workdir_bytes"]),
+            ),
         ]
     where = "in memory" if est["offload"] == "cpu" else "on disk"
     blocks = "whole" if est["weights"] == "memory" else "block by block"
-    ram = f"peak RAM ({est['peak_ram_phase']} phase, activations {where}, weights {blocks})"
+    n = est["nproc"]
+    each = " of rank 0" if n > 1 else ""
+    ram = f"peak RAM{each} ({est['peak_ram_phase']} phase, activations {where}, weights {blocks})"
     costs.append((ram, fmt_bytes(est["peak_ram_bytes"])))
+    if n > 1:
+        costs.append((f"host RAM, {n} processes on one host", fmt_bytes(est["host_ram_bytes"])))
+    g = est["gpu"]
+    if g is not None:
+        student = "on the GPU" if g["student_on_gpu"] else "streamed block by block"
+        costs.append(
+            (
+                f"GPU memory per process ({g['memory_phase']} phase, student {student})",
+                f"{fmt_bytes(g['memory_bytes'])} of {fmt_bytes(g['device_memory_bytes'])}",
+            )
+        )
     if tyr:
         costs += [
             ("run time: supernet", _duration(rt["supernet"])),

@@ -116,7 +116,7 @@ def propagate_mlp(
         if z_store is not None:
             inputs.hidden[i] = inputs.hidden[i].to(device) + z_store[i].to(device) @ delta.T
         elif recompute:
-            got = []
+            got: list[Tensor] = []
             with _inputs_of(down, got.append):
                 y = inputs.run(layer, i, device)
             inputs.hidden[i] = y + got[0] @ delta.T

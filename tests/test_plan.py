@@ -44,19 +44,27 @@ def _smollm2_config():
     )
 
 
-def _llama8b_config():
+def _llama8b_config(**kw):
+    """Llama-3.1-8B's shapes (or, with `kw`, another Llama-3.1's), without weights."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
+    shape = {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 131072,
+    }
+    return LlamaConfig(**{**shape, **kw})
+
+
+def _llama70b_config():
+    return _llama8b_config(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
     )
 
 
@@ -343,22 +351,6 @@ def test_8b_at_the_papers_budget_fits_one_gpu_host(tmp_path: Path) -> None:
     assert not big["gpu"]["student_on_gpu"] and big["gpu"]["memory_bytes"] <= 40e9
     with pytest.raises(UserError, match="unknown GPU"):
         plan.estimate(d, 0.5, device="cuda", gpu="tpu")
-
-
-def _llama70b_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
-    )
 
 
 def test_plan_command_takes_the_gpu_and_the_process_count(tmp_path: Path, capsys) -> None:

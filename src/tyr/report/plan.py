@@ -572,14 +572,13 @@ def gpu_runtime(
         / flops
         + 2 * 2 * L * settings.eval_tokens * shape.hidden * dtype_bytes / gpu.link
     )
+    return _seconds(prune, supernet, search, evaluation)
+
+
+def _seconds(prune: float, supernet: float, search: float, evaluation: float) -> dict[str, float]:
     total = prune + supernet + search + evaluation
-    return {
-        "prune": round(prune, 1),
-        "supernet": round(supernet, 1),
-        "search": round(search, 1),
-        "eval": round(evaluation, 1),
-        "total": round(total, 1),
-    }
+    phases = {"prune": prune, "supernet": supernet, "search": search, "eval": evaluation, "total": total}
+    return {k: round(v, 1) for k, v in phases.items()}
 
 
 def _gpu_basis(gpu: Accelerator, nproc: int) -> str:
@@ -614,14 +613,7 @@ def _runtime(
         centre = candidate_units(dims.shape, sparsity, 1, 1)
         prune = local_pruning_seconds(dims, settings, centre, rate)
     evaluation = eval_seconds(dims, settings, kept, rate)
-    total = prune + supernet + search + evaluation
-    return {
-        "prune": round(prune, 1),
-        "supernet": round(supernet, 1),
-        "search": round(search, 1),
-        "eval": round(evaluation, 1),
-        "total": round(total, 1),
-    }
+    return _seconds(prune, supernet, search, evaluation)
 
 
 def _basis(threads: int) -> str:

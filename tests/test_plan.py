@@ -334,11 +334,12 @@ def test_8b_at_the_papers_budget_fits_one_gpu_host(tmp_path: Path) -> None:
     assert g["memory_bytes"] > est["disk_bytes"]["dense"]  # the student is copied whole first
     text = plan.format_plan(est)
     assert "GPU memory per process" in text and "Not calibrated" in text
-    # with 8 processes the calibration forwards, solves and offspring divide; the teacher does not
+    # with 8 processes the calibration forwards, solves, offspring and (recomputed per
+    # minibatch) the teacher's sequences divide; the disk of the offloaded activations does not
     eight = plan.estimate(d, 0.5, dtype="bfloat16", memory_budget=64, device="cuda", nproc=8)
     one, many = est["runtime_s"], eight["runtime_s"]
     assert one["supernet"] / 8 < many["supernet"] < one["supernet"]
-    assert one["search"] / 8 < many["search"] < one["search"]
+    assert many["search"] == pytest.approx(one["search"] / 8, rel=0.001)
     assert eight["host_ram_bytes"] > 7 * eight["peak_ram_bytes"] / 2
     # 70B: the student does not fit an 80 GB GPU and streams its blocks through it
     big = plan.estimate(

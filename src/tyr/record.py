@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from tyr.budget import Shape
 from tyr.errors import UserError
@@ -91,6 +91,7 @@ class Iteration(TypedDict):
     search_seconds: float
     tokens_scored: int | None  # student tokens over all fitness calls (None after a resume)
     block_forwards: list[int]  # calibration chunks run through a block in the supernet build, per rank
+    teacher_sequences: NotRequired[list[int]]  # sequences the dense teacher ran in the search, per rank
 
 
 class Search(TypedDict):

@@ -159,7 +159,7 @@ def search_prune(
             # An earlier iteration that finished before: only its genome re-centres the next.
             best, fitness_log, scored = saved
             log_rows.append(
-                _row(steps, centres_by_gene, genes, best, fitness_log, scored, start, 0.0, 0.0, 0)
+                _row(steps, centres_by_gene, genes, best, fitness_log, scored, start, 0.0, 0.0, 0, 0)
             )
             store.release()
             centres_by_gene = budget.recentre(centres_by_gene, genes, best, steps)
@@ -180,13 +180,25 @@ def search_prune(
                 inputs.close()
         built = time.perf_counter() - built
 
-        searched = time.perf_counter()
+        searched, teacher_before = time.perf_counter(), teacher.computed
         space = _space(genes, subs, cands, float(target), tol, joint)
         live = LiveModel(model, spec, shape, genes, cands, store, device, lazy=lazy)
         best, fitness_log, scored = _search_once(store, space, live, calib, teacher, opt, t, batch_size)
-        search_s = time.perf_counter() - searched
+        search_s, rows = time.perf_counter() - searched, teacher.computed - teacher_before
         log_rows.append(
-            _row(steps, centres_by_gene, genes, best, fitness_log, scored, start, built, search_s, forwards)
+            _row(
+                steps,
+                centres_by_gene,
+                genes,
+                best,
+                fitness_log,
+                scored,
+                start,
+                built,
+                search_s,
+                forwards,
+                rows,
+            )
         )
         log.debug("iteration %d: genome %s", t, " ".join(f"{k:+d}" if k else "0" for k in best))
         if t < opt.iterations:
@@ -208,6 +220,7 @@ def _row(
     built: float,
     search_s: float,
     forwards: int,
+    teacher_rows: int,
 ) -> dict[str, Any]:
     """One iteration's entry of the search log."""
     return {
@@ -221,6 +234,7 @@ def _row(
         "search_seconds": round(search_s, 1),
         "tokens_scored": scored,  # student tokens over all fitness calls (None if unknown)
         "block_forwards": dist.gather({dist.rank(): forwards}, dist.world()),
+        "teacher_sequences": dist.gather({dist.rank(): teacher_rows}, dist.world()),
     }
 
 

@@ -522,8 +522,9 @@ def gpu_runtime(
     peak (forwards in the model dtype, solves in fp32 at LOCAL_SOLVE_FACTOR FLOP units each),
     plus the copies between host and GPU (activations each pass, streamed blocks) and, with the
     activations offloaded, the disk's reads and writes. The calibration forwards, the levels'
-    solves and the offspring are divided between the processes; the teacher's forwards and the
-    disk (one per node) are not."""
+    solves and the offspring are divided between the processes; the disk (one per node) is
+    not; nor is the teacher when it fills a disk cache (recomputed per
+    minibatch, its sequences are divided too)."""
     shape, L = dims.shape, dims.shape.n_layers
     flops = (gpu.bf16 if dtype_bytes == 2 else gpu.fp32) * GPU_EFFICIENCY
     solve_rate = gpu.fp32 * GPU_EFFICIENCY
@@ -557,10 +558,13 @@ def gpu_runtime(
         student_s = (
             student_tokens * forward_flops(dims, settings.seq_len, kept, head_rows=topk) / flops / nproc
         )
-        teacher_s = teacher * forward_flops(dims, settings.seq_len) / flops
+        # recomputed per minibatch, the teacher's sequences are dealt between the processes;
+        # a disk cache is filled by every process
+        teachers = nproc if cache == "none" else 1
+        teacher_s = teacher * forward_flops(dims, settings.seq_len) / flops / teachers
         # every teacher forward (one sequence) streams the dense blocks; so does a student
         # forward (one batch) when the student does not fit the GPU
-        moved = float(-(-teacher // settings.seq_len) * dims.block * dtype_bytes)
+        moved = -(-teacher // settings.seq_len) * dims.block * dtype_bytes / teachers
         if not on_gpu:
             moved += -(-student_tokens // batch) * pruned_block(dims, sparsity) * dtype_bytes / nproc
         search = student_s + teacher_s + moved / gpu.link

@@ -67,6 +67,7 @@ class TeacherCache:
 
     def __init__(self, root: Path, n_seq: int, seq_len: int, k: int) -> None:
         self.root, self.k = root, k
+        self.computed = 0  # sequences whose teacher forward ran in this process
         self.persist = dist.is_main()  # other ranks compute the same values into memory
         self.values: Any
         self.index: Any
@@ -111,6 +112,7 @@ class TeacherCache:
         if missing:
             for r in missing:
                 vals, idx = teacher_topk(r, self.k)
+                self.computed += 1
                 self.values[r] = vals.cpu().numpy()
                 self.index[r] = idx.to(torch.int32).cpu().numpy()
             if self.persist:
@@ -289,18 +291,28 @@ def _reference(genomes: Sequence[Genome]) -> Genome:
 class OnTheFlyTeacher:
     """The teacher's top-k recomputed for every minibatch, one sequence at a time as
     :class:`TeacherCache` fills itself, so both give the same values; nothing is stored. For a
-    calibration set whose cache would not fit the disk (docs/algorithm.md §7.6)."""
+    calibration set whose cache would not fit the disk (docs/algorithm.md §7.6). Under torchrun
+    the minibatch's sequences are dealt between the processes: each runs the teacher on its
+    share and receives the others' top-k, bit for bit."""
 
     def __init__(self, k: int) -> None:
         self.k = k
+        self.computed = 0  # sequences whose teacher forward ran in this process
 
     def get(self, rows: Sequence[int], teacher_topk) -> tuple[Tensor, Tensor]:
         """[len(rows), T, k] fp32 values and int32 indices; `teacher_topk(row, k)` → [T, k]."""
+        k, own = self.k, dist.mine(len(rows))
+
+        def packed(j: int) -> Tensor:  # this rank's j-th: values and the indices' bits, to send
+            v, idx = teacher_topk(rows[own[j]], k)
+            self.computed += 1
+            return torch.cat([v, idx.to(torch.int32).view(torch.float32)], dim=-1)
+
         vals, idx = [], []
-        for r in rows:
-            v, i = teacher_topk(r, self.k)
-            vals.append(v.cpu())
-            idx.append(i.to(torch.int32).cpu())
+        for both in dist.each_in_order(len(rows), packed):
+            both = both.cpu()
+            vals.append(both[..., :k].contiguous())
+            idx.append(both[..., k:].contiguous().view(torch.int32))
         return torch.stack(vals), torch.stack(idx)
 
 

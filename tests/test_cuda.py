@@ -33,3 +33,22 @@ def test_embedded_model_on_cuda_matches_the_cpu_run(tmp_path):
     # The dense perplexity is the same model on both devices; the searched ones agree closely.
     assert gpu["ppl"]["dense"] == pytest.approx(cpu["ppl"]["dense"], rel=1e-3)
     assert gpu["ppl"]["pruned"] <= cpu["ppl"]["pruned"] * 1.05
+
+
+def test_a_student_on_the_gpu_holds_the_host_students_values(tmp_path):
+    """Built block by block on the GPU, the student's tensors are the host student's, bit for
+    bit (slicing and copying only), and its logits agree within the GPU's rounding."""
+    from test_fitness import _student_parts
+
+    from tyr.search.fitness import LiveModel
+
+    model, spec, shape, genes, cands, store, genome = _student_parts(tmp_path)
+    host = LiveModel(model, spec, shape, genes, cands, store).apply(genome)
+    gpu = LiveModel(model, spec, shape, genes, cands, store, device="cuda").apply(genome)
+    on_gpu = gpu.state_dict()
+    assert all(t.is_cuda for t in on_gpu.values())
+    assert all(torch.equal(t, on_gpu[name].cpu()) for name, t in host.state_dict().items())
+    ids = torch.arange(16).view(1, 16)
+    with torch.inference_mode():
+        diff = (host(ids).logits - gpu(ids.cuda()).logits.cpu()).abs().max()
+    assert diff < 1e-3

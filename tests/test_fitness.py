@@ -224,3 +224,42 @@ def test_teacher_topk_of_a_bf16_head_merges_slices_of_the_vocabulary(monkeypatch
     vals, idx = fit._topk_logits(model, spec, h, 6)
     assert torch.equal(idx, want.indices)
     assert torch.allclose(vals, want.values, rtol=0, atol=1e-5)
+
+
+def _student_parts(tmp_path, family="qwen2"):
+    """A tiny model (qwen2: tied embeddings) with a one-iteration supernet, and a genome."""
+    model = tiny_model(family)
+    spec, shape = arch.spec_for(model), arch.shape_of(model)
+    store = Store(tmp_path, 1, {"t": 1})
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
+    cands = build(
+        model,
+        spec,
+        shape,
+        capture(model, spec, list(calib.split(2))),
+        _sublayers(shape),
+        store,
+        SupernetOptions(),
+    )
+    genes = [Gene(b, k) for b in range(shape.n_layers) for k in KINDS]
+    genome = tuple((-1) ** i for i in range(len(genes)))
+    return model, spec, shape, genes, cands, store, genome
+
+
+def test_a_student_on_a_device_is_built_block_by_block(tmp_path):
+    """On an accelerator the student copies the tensors outside the blocks there (a tied pair
+    stays one tensor) and each block goes there once sliced: the host never holds a second dense
+    model. The meta device stands in for the accelerator here; tests/test_cuda.py runs a GPU."""
+    model, spec, shape, genes, cands, store, genome = _student_parts(tmp_path)
+    host = LiveModel(model, spec, shape, genes, cands, store)
+    device = LiveModel(model, spec, shape, genes, cands, store, device="meta", stream=False)
+    embed = arch.get_module(device.model, spec.embed).weight
+    assert embed.is_meta and embed is arch.get_module(device.model, spec.lm_head).weight
+    assert arch.get_module(host.model, spec.embed).weight is arch.get_module(model, spec.embed).weight
+    assert all(t.is_meta for layer in arch.layers(device.model, spec) for t in layer.state_dict().values())
+    on_host, on_device = host.apply(genome).state_dict(), device.apply(genome).state_dict()
+    assert on_host.keys() == on_device.keys()
+    for name, t in on_device.items():
+        assert t.is_meta and t.shape == on_host[name].shape, name
+    assert sum(t.numel() for t in on_host.values()) < sum(p.numel() for p in model.parameters())
+    assert not any(t.is_meta for t in model.state_dict().values())  # the dense model is untouched

@@ -346,6 +346,7 @@ def peak_ram(
     sparsity: float = 0.5,
     device: str = "cpu",
     nproc: int = 1,
+    student_on_device: bool = False,
 ) -> tuple[int, str, int]:
     """(bytes, phase) of the largest host-memory phase of rank 0, and the host memory of all
     `nproc` processes on one host (the others do not evaluate), block activations in
@@ -357,8 +358,9 @@ def peak_ram(
     and the search then holds its pruned student, one dense block and the LM head (the teacher's
     logits read all of it); in memory, the model and the pruned student. The MLP's intermediate
     activations wait where :func:`tyr.stream.intermediate_placement` puts them. On a GPU the
-    solver's matrices live there, and a student that fits the GPU is first copied whole in host
-    memory (:func:`gpu_memory`)."""
+    solver's matrices live there, and so does a student that fits it (`student_on_device`,
+    :func:`gpu_memory`): the host holds one dense block of it at a time, copied and sliced
+    before it moves there."""
     shape = dims.shape
     streamed = weights == "disk"
     block = dims.block // shape.n_layers * dtype_bytes
@@ -390,10 +392,8 @@ def peak_ram(
         rows = dims.vocab if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab)
         logits = min(256, settings.seq_len) * rows * 4
         # the student: its pruned blocks (it shares the embedding and LM head with the teacher),
-        # or on a GPU it fits, the whole model copied there through host memory
-        student = pruned_block(dims, sparsity) * dtype_bytes
-        if device != "cpu" and not streamed:
-            student = dims.total * dtype_bytes
+        # or, on a GPU, one dense block on its way there
+        student = block if student_on_device else pruned_block(dims, sparsity) * dtype_bytes
         head_chunk = 0 if dtype_bytes == 4 else min(HEAD_ROWS, dims.vocab) * shape.hidden * 4
         teacher = block + dims.head * dtype_bytes + head_chunk if streamed else resident
         phases["search"] = student + teacher + minibatch + logits
@@ -463,20 +463,26 @@ CUDA_CONTEXT_BYTES = 500_000_000
 STUDENT_GPU_FRACTION = 0.8  # tyr.search.fitness: a student above it streams its blocks
 
 
-def student_on_gpu(dims: Dims, dtype_bytes: int, gpu: Accelerator, weights: str) -> bool:
-    """Whether the search's student lives on the GPU: a copy of the model takes at most 80 %
-    of the GPU's memory, and the weights are in host memory (with them on disk it streams)."""
-    return weights == "memory" and dims.total * dtype_bytes <= STUDENT_GPU_FRACTION * gpu.memory
+def student_on_gpu(dims: Dims, dtype_bytes: int, gpu: Accelerator) -> bool:
+    """Whether the search's student lives on the GPU: a copy of the model would take at most
+    80 % of the GPU's memory (tyr.search.fitness; else its blocks stream through the GPU)."""
+    return dims.total * dtype_bytes <= STUDENT_GPU_FRACTION * gpu.memory
 
 
 def gpu_memory(
-    dims: Dims, settings: Sizes, method: str, dtype_bytes: int, on_gpu: bool, weights: str
+    dims: Dims,
+    settings: Sizes,
+    method: str,
+    dtype_bytes: int,
+    on_gpu: bool,
+    weights: str,
+    sparsity: float = 0.5,
 ) -> tuple[int, str]:
     """(bytes, phase) of the largest GPU-memory phase of one process. Local pruning: one block
     and copies of its two consumers, both fp32 Gram matrices, the fp32 solver's H_d⁻¹ (and its
     working copy with the weights in memory), W, G, Ŵ and the propagation weight in fp32, one
-    batch's activations through the block. Search: the student (the whole model while it is
-    copied there, when it fits; else one block, the embedding and the LM head), one streamed
+    batch's activations through the block. Search: the student (the embedding and LM head, and
+    its pruned blocks when it fits, else one block at a time), one streamed
     teacher block, the largest stage's hidden states, one batch's teacher top-k (the stage's
     wait in host memory) and a chunk of logits.
     Eval: one block, one batch's states and a chunk of logits."""
@@ -496,7 +502,8 @@ def gpu_memory(
     }
     if method == "tyr":
         embed_head = (dims.embed + (0 if dims.tied else dims.head)) * dtype_bytes
-        student = dims.total * dtype_bytes if on_gpu else block + embed_head
+        pruned = pruned_block(dims, sparsity) * dtype_bytes
+        student = embed_head + (pruned if on_gpu else block)
         stage = min(max(settings.stage_tokens), settings.calib_tokens)
         topk = batch * min(settings.kl_topk, dims.vocab) * TEACHER_ENTRY_BYTES  # one batch's
         states = stage * shape.hidden * dtype_bytes
@@ -713,8 +720,9 @@ def estimate(
     eval_acts = activation_bytes(settings.eval_tokens, dims.shape.hidden, 0, dtype)
     eval_where = offload_mode(offload, eval_acts, budget)
     weights_at = weights_mode(weights, method, dims.total * b, budget, S)
+    on_gpu = device == "cuda" and student_on_gpu(dims, b, GPUS[gpu])
     ram, phase, host_ram = peak_ram(
-        dims, settings, method, b, where, eval_where, weights_at, S, device, nproc
+        dims, settings, method, b, where, eval_where, weights_at, S, device, nproc, on_gpu
     )
     workdir = workdir_bytes(
         dims, settings, method, b, supernet, teacher, where, eval_where, weights_at, device
@@ -723,8 +731,7 @@ def estimate(
     shape = dims.shape
     if device == "cuda":
         accel = GPUS[gpu]
-        on_gpu = student_on_gpu(dims, b, accel, weights_at)
-        gpu_bytes, gpu_phase = gpu_memory(dims, settings, method, b, on_gpu, weights_at)
+        gpu_bytes, gpu_phase = gpu_memory(dims, settings, method, b, on_gpu, weights_at, S)
         runtime = gpu_runtime(dims, settings, S, method, kept, cache, b, accel, nproc, where, on_gpu)
         basis = _gpu_basis(accel, nproc)
         gpu_est: dict[str, Any] | None = {

@@ -129,11 +129,11 @@ class LiveModel:
     """A copy of the dense model whose sub-layers are the supernet candidates of a genome,
     physically sliced; applying a genome reloads only the sub-layers whose level changed.
 
-    A student in host memory shares the dense model's tensors outside the blocks (embedding,
-    final norm, LM head: never pruned) and gets each block the first time a genome sets it,
-    copied from the dense block (read from disk first for a lazy model, :mod:`tyr.stream.lazy`)
-    and sliced at once: host memory holds the pruned student beside the dense model, never a
-    second dense copy. A student on an accelerator is a whole copy, moved there."""
+    The student gets each block the first time a genome sets it, copied from the dense block
+    (read from disk first for a lazy model, :mod:`tyr.stream.lazy`) and sliced at once, never a
+    second dense copy. In host memory it shares the dense model's tensors outside the blocks
+    (embedding, final norm, LM head: never pruned); on an accelerator it holds a copy of those
+    and each block goes there once sliced, so neither memory holds the dense model twice."""
 
     def __init__(
         self,
@@ -153,13 +153,12 @@ class LiveModel:
         self.dense, self.spec, self.shape, self.genes, self.store = dense, spec, shape, tuple(genes), store
         self.by_level = {g: {c.level: c for c in candidates[g]} for g in self.genes}
         self.lazy = lazy
-        # The student lives on `device` when it fits there; otherwise (stream) it stays in host
-        # memory and each forward moves one block at a time to the device. The dense teacher
-        # stays where it is. A student sharing a lazy model's tensors stays in host memory.
-        self.stream = (lazy is not None or _too_big(dense, device)) if stream is None else stream
+        # The student lives on `device` when the model fits there; otherwise (stream) it stays in
+        # host memory and each forward moves one block at a time to the device. The dense
+        # teacher stays where it is.
+        self.stream = _too_big(dense, device) if stream is None else stream
         self.device = device
-        self.host = self.stream or device == "cpu"
-        self.model = _shell(dense, spec) if self.host else copy.deepcopy(dense).eval().to(device)
+        self.model = _shell(dense, spec, "cpu" if self.stream else device)
         self.loaded: dict[Gene, int] = {}
         self.reloads = 0
 
@@ -171,7 +170,7 @@ class LiveModel:
                 changed.setdefault(gene.block, []).append((gene, level))
         for b, genes in changed.items():
             with resident(dense_layers[b], self.lazy):
-                if self.host and _unread(live_layers[b]):
+                if _unread(live_layers[b]):
                     live_layers[b] = copy.deepcopy(dense_layers[b])  # sliced below, before the next
                 for gene, level in genes:
                     self._set(gene, level, dense_layers[b], live_layers[b])
@@ -192,15 +191,22 @@ class LiveModel:
         self.reloads += 1
 
 
-def _shell(dense: nn.Module, spec: ArchSpec) -> nn.Module:
-    """A copy of `dense` sharing its tensors outside the decoder blocks, its blocks' tensors on
-    the meta device (no memory) until :meth:`LiveModel.apply` fills them."""
+def _shell(dense: nn.Module, spec: ArchSpec, device: str = "cpu") -> nn.Module:
+    """A copy of `dense` whose blocks' tensors are on the meta device (no memory) until
+    :meth:`LiveModel.apply` fills them; its other tensors are the dense model's own (`device`
+    cpu) or copies on `device` (a tied pair stays one tensor)."""
+
+    def moved(t: Tensor, where: str) -> Tensor:
+        out = t.detach().to(where) if where == "meta" else t.detach().to(where, copy=True)
+        return nn.Parameter(out, requires_grad=False) if isinstance(t, nn.Parameter) else out
+
     memo: dict[int, Any] = {}
     for layer in arch.layers(dense, spec):
         for t in layer.state_dict(keep_vars=True).values():
-            empty = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
-    memo.update({id(t): t for t in (*dense.parameters(), *dense.buffers()) if id(t) not in memo})
+            memo[id(t)] = moved(t, "meta")
+    for t in (*dense.parameters(), *dense.buffers()):
+        if id(t) not in memo:
+            memo[id(t)] = t if device == "cpu" else moved(t, device)
     return copy.deepcopy(dense, memo=memo).eval()
 
 

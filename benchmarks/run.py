@@ -154,8 +154,9 @@ def modeling_overhead(dense_dir: str, root: Path, seq_len: int = 512) -> dict[st
 
 
 def supernet_disk_ratio(workdir: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Bytes of all stored candidates over the bytes of full-size masked copies of the same
-    candidates (every tensor of the sub-layer, in the model's dtype)."""
+    """Bytes of the stored candidates (the last iteration's: an earlier one's are deleted once
+    its search is done) over the bytes of full-size masked copies of the same candidates (every
+    tensor of the sub-layer, in the model's dtype)."""
     spec = arch.spec_for(model)
     layer = arch.layers(model, spec)[0]
     a, m = arch.attention_parts(layer, spec), arch.mlp_parts(layer, spec)

@@ -335,6 +335,12 @@ def eval_seconds(dims: Dims, settings: Sizes, kept: float, rate: float) -> float
     return settings.eval_tokens * per_token / rate
 
 
+def _intermediates(method: str, offload: str, weights: str, device: str) -> str:
+    """Where a run puts the MLP's intermediate activations (:func:`tyr.stream.intermediate_placement`;
+    `--method uniform` with its weights on disk is the streamed case)."""
+    return intermediate_placement(offload, device, streamed=method == "uniform" and weights == "disk")
+
+
 def peak_ram(
     dims: Dims,
     settings: Sizes,
@@ -369,7 +375,7 @@ def peak_ram(
     share = -(-settings.calib_tokens // nproc)
     tokens = share if offload == "cpu" else batch
     calib_acts = (tokens + batch) * shape.hidden * dtype_bytes  # the states, and one batch's new ones
-    z_at = intermediate_placement(offload, device, streamed=method == "uniform" and streamed)
+    z_at = _intermediates(method, offload, weights, device)
     z_tokens = tokens if z_at == "cpu" else batch
     mlp_inputs = z_tokens * shape.intermediate * dtype_bytes
     n_in = max(shape.intermediate, shape.n_q * shape.head_dim)
@@ -421,7 +427,7 @@ def workdir_bytes(
     during a build; the held-out states during the perplexity. `--method uniform` with the
     weights on disk writes each changed block there as well."""
     shape = dims.shape
-    z_at = intermediate_placement(offload, device, streamed=method == "uniform" and weights == "disk")
+    z_at = _intermediates(method, offload, weights, device)
     width = (shape.hidden if offload == "disk" else 0) + (shape.intermediate if z_at == "disk" else 0)
     calib = settings.calib_tokens * width
     heldout = settings.eval_tokens * shape.hidden if eval_offload == "disk" else 0
@@ -524,20 +530,21 @@ def gpu_runtime(
     nproc: int,
     offload: str,
     on_gpu: bool,
+    weights: str = "memory",
 ) -> dict[str, float]:
     """Seconds per phase with `nproc` processes, one GPU each: FLOPs at GPU_EFFICIENCY of the
     peak (forwards in the model dtype, solves in fp32 at LOCAL_SOLVE_FACTOR FLOP units each),
     plus the copies between host and GPU (activations each pass, streamed blocks) and, with the
     activations offloaded, the disk's reads and writes. The calibration forwards, the levels'
     solves and the offspring are divided between the processes; the disk (one per node) is
-    not; nor is the teacher when it fills a disk cache (recomputed per
-    minibatch, its sequences are divided too)."""
+    not; nor is the teacher when it fills a disk cache (recomputed per minibatch, its sequences
+    are divided too)."""
     shape, L = dims.shape, dims.shape.n_layers
     flops = (gpu.bf16 if dtype_bytes == 2 else gpu.fp32) * GPU_EFFICIENCY
     solve_rate = gpu.fp32 * GPU_EFFICIENCY
     block = dims.block // L * dtype_bytes
     hidden = settings.calib_tokens * shape.hidden * dtype_bytes
-    recompute = offload == "disk"  # tyr.stream.intermediate_placement on a GPU
+    recompute = _intermediates(method, offload, weights, "cuda") == "recompute"
 
     def local(candidates: list[tuple[str, list[int]]]) -> float:
         per_token = streaming_flops_per_token(shape, settings.seq_len, dims.block)
@@ -732,7 +739,9 @@ def estimate(
     if device == "cuda":
         accel = GPUS[gpu]
         gpu_bytes, gpu_phase = gpu_memory(dims, settings, method, b, on_gpu, weights_at, S)
-        runtime = gpu_runtime(dims, settings, S, method, kept, cache, b, accel, nproc, where, on_gpu)
+        runtime = gpu_runtime(
+            dims, settings, S, method, kept, cache, b, accel, nproc, where, on_gpu, weights_at
+        )
         basis = _gpu_basis(accel, nproc)
         gpu_est: dict[str, Any] | None = {
             "name": gpu,
